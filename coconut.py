@@ -1,0 +1,403 @@
+"""COCONUT's latent loop: continuous thoughts fed back as input embeddings.
+
+The i-th latent position receives the final-layer (post-norm) hidden state of the position just
+before it, computed with latents 1..i-1 already in place (DESIGN.md §1). With latents aligned to
+one column by the collator, n latents take n+1 passes over the language model; a DynamicCache
+makes each token processed once. Images are encoded once per forward, before the loop.
+
+The module knows nothing about InternVL: a ModelAdapter (embed text + images, run the decoder on
+embeddings with a cache, project to logits) hides the model. Text-only causal LMs use the same
+code with no images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from hf_compat import cache_keyword
+
+IGNORE_INDEX = -100
+
+
+class LatentLayoutError(ValueError):
+    """Latent tokens that are not one contiguous run starting at a shared column."""
+
+
+class ImageFeatureMismatch(ValueError):
+    """A sample's <IMG_CONTEXT> placeholders do not match its image tiles."""
+
+
+@dataclasses.dataclass
+class Outputs:
+    """What forward returns. logits are full-vocabulary only when return_logits=True."""
+
+    loss: torch.Tensor
+    inputs_embeds: torch.Tensor
+    logits: torch.Tensor | None = None
+    num_label_tokens: torch.Tensor | None = None
+    thought_norm: torch.Tensor | None = None
+    token_norm: torch.Tensor | None = None
+
+
+class CausalLMAdapter:
+    """Text-only HF causal LM: embeddings, decoder with a cache, output head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.cache_kw = cache_keyword(self.decoder.forward)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: torch.Tensor | None = None,
+        synced_gpus: bool = False,
+    ) -> torch.Tensor:
+        if pixel_values is not None:
+            raise ValueError("this model takes no images (pixel_values given to a text-only model)")
+        return self.embed_tokens(input_ids)
+
+    def decode(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Run the decoder on new positions; returns their post-norm last hidden states."""
+        out = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_kw: cache},
+        )
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+
+class InternVLAdapter(CausalLMAdapter):
+    """transformers' native InternVL: image features are scattered into <IMG_CONTEXT> positions once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.config = model.config
+        self.tokens_per_tile = _tokens_per_tile(model.config)
+
+    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
+        return out.pooler_output if hasattr(out, "pooler_output") else out
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: torch.Tensor | None = None,
+        synced_gpus: bool = False,
+    ) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        placeholders = input_ids == self.config.image_token_id
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if synced_gpus:
+                # Under FSDP every rank must call the vision tower (its all-gathers must match):
+                # a rank without images runs one zero tile and adds 0 × its features.
+                size = self.config.vision_config.image_size
+                size = size[0] if isinstance(size, (list, tuple)) else size
+                dummy = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
+                embeds = embeds + 0.0 * self._image_features(dummy).sum().to(embeds.dtype)
+            expected = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            _check_placeholders(placeholders, expected)
+            return embeds
+        if num_patches_list is None:
+            if input_ids.shape[0] != 1:
+                raise ValueError("num_patches_list is required for a batch of more than one sample with images")
+            num_patches_list = torch.tensor([pixel_values.shape[0]])
+        num_patches_list = torch.as_tensor(num_patches_list)
+        if int(num_patches_list.sum()) != pixel_values.shape[0]:
+            raise ImageFeatureMismatch(
+                f"num_patches_list sums to {int(num_patches_list.sum())} tiles but pixel_values has {pixel_values.shape[0]}"
+            )
+        features = self._image_features(pixel_values)
+        _check_placeholders(placeholders, num_patches_list.to(input_ids.device) * self.tokens_per_tile)
+        # masked_scatter fills positions in row-major order: sample 0's placeholders first, which is
+        # the order in which the collator concatenated the tiles.
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), features.to(embeds.dtype))
+
+
+def _tokens_per_tile(config: Any) -> int:
+    size = config.vision_config.image_size
+    patch = config.vision_config.patch_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return int((size // patch) ** 2 * config.downsample_ratio**2)
+
+
+def _check_placeholders(placeholders: torch.Tensor, expected: torch.Tensor) -> None:
+    counts = placeholders.sum(1)
+    if not torch.equal(counts, expected.to(counts.device)):
+        raise ImageFeatureMismatch(
+            f"<IMG_CONTEXT> placeholders per sample {counts.tolist()} != image tokens per sample {expected.tolist()}"
+        )
+
+
+def make_adapter(model: nn.Module) -> CausalLMAdapter:
+    """The adapter for a model: InternVL if it has an image tower, else a plain causal LM."""
+    if getattr(model.config, "model_type", None) == "internvl":
+        return InternVLAdapter(model)
+    return CausalLMAdapter(model)
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where the latents are: host ints, computed with one device sync per forward."""
+
+    column: int  # first latent column (shared by every sample that has latents)
+    n_passes: int  # latent passes before the final one (= max latents, or more when ranks sync)
+    counts: torch.Tensor  # latents per sample, on device
+
+
+class Coconut(nn.Module):
+    """Wraps a causal LM (or InternVL) with COCONUT's latent loop.
+
+    Keeps the original constructor and forward/generate signatures so recipes and user code
+    written for the text-only COCONUT stay familiar.
+    """
+
+    def __init__(
+        self,
+        base_causallm: nn.Module,
+        latent_token_id: int,
+        start_latent_id: int,
+        end_latent_id: int,
+        eos_token_id: int,
+        pad_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_causallm = base_causallm
+        self.latent_token_id = latent_token_id
+        self.start_latent_id = start_latent_id
+        self.end_latent_id = end_latent_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        self.adapter = make_adapter(base_causallm)
+        # Set by the trainer when several ranks run FSDP: every rank then runs the same passes.
+        self.synced_gpus = False
+        self.gen_forward_cnt = 0
+
+    # ------------------------------------------------------------------------------------------
+    def _layout(self, input_ids: torch.Tensor, synced: bool) -> _Layout:
+        is_latent = input_ids == self.latent_token_id
+        counts = is_latent.sum(1)
+        length = input_ids.shape[1]
+        has = counts > 0
+        first = torch.where(has, is_latent.int().argmax(1), torch.full_like(counts, length))
+        column = first.min()
+        cols = torch.arange(length, device=input_ids.device)
+        expected = (cols >= column) & (cols < column + counts[:, None])
+        aligned = (expected == is_latent).all() & ((first == column) | ~has).all()
+        n_max, column_host, aligned_host = torch.stack([counts.max(), column, aligned.long()]).tolist()
+        if not aligned_host:
+            raise LatentLayoutError(
+                "latent tokens must be one contiguous run per sample starting at the same column "
+                "(use dataset.MyCollator, which left-pads to align them)"
+            )
+        if synced and dist.is_available() and dist.is_initialized():
+            n = torch.tensor([n_max], device=input_ids.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            n_max = int(n.item())
+        if n_max == 0:
+            return _Layout(column=length, n_passes=0, counts=counts)
+        if column_host == length:  # no latents on this rank, but other ranks have some
+            column_host = 1
+        return _Layout(column=column_host, n_passes=n_max, counts=counts)
+
+    def _latent_prefill(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        layout: _Layout,
+    ) -> tuple[list[torch.Tensor], DynamicCache]:
+        """Run all passes over the sequence; returns the per-pass hidden states and the cache.
+
+        Pass 0 covers [0, column); pass p (1..n-1) the single column column+p-1; the last pass the rest.
+        The column a pass starts with is latent p for samples with at least p latents: it is
+        replaced (out of place, so autograd sees every use) by the previous pass's last hidden state.
+        """
+        cache = DynamicCache()
+        hiddens: list[torch.Tensor] = []
+        length = embeds.shape[1]
+        start = 0
+        for p in range(layout.n_passes + 1):
+            end = length if p == layout.n_passes else layout.column + p
+            chunk = embeds[:, start:end]
+            if p > 0:
+                fill = (layout.counts >= p).view(-1, 1, 1)
+                first = torch.where(fill, hiddens[-1][:, -1:], chunk[:, :1])
+                chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+            hiddens.append(
+                self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
+            )
+            start = end
+        self.gen_forward_cnt += layout.n_passes + 1
+        return hiddens, cache
+
+    @staticmethod
+    def _pad_right(length_needed: int, *tensors_and_pads: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
+        out = []
+        for t, pad in tensors_and_pads:
+            extra = length_needed - t.shape[1]
+            out.append(t if extra <= 0 else F.pad(t, (0, extra), value=pad))
+        return out
+
+    def _fit_layout(self, layout: _Layout, input_ids: torch.Tensor, *rest: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
+        """Synced ranks may run more passes than this batch has columns for: pad on the right."""
+        needed = layout.column + layout.n_passes if layout.n_passes else 0
+        return self._pad_right(needed, (input_ids, self.pad_token_id), *rest)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | float | None = None,
+        return_logits: bool = False,
+        **kwargs: Any,
+    ) -> Outputs:
+        """Loss of a batch with its latents filled in; see the module docstring.
+
+        num_items_in_batch, when given, divides the summed token loss instead of this batch's own
+        label count (global normalisation across ranks and accumulation steps).
+        """
+        synced = self.synced_gpus
+        layout = self._layout(input_ids, synced)
+        input_ids, attention_mask, position_ids, labels = self._fit_layout(
+            layout, input_ids, (attention_mask, 0), (position_ids, 0), (labels, IGNORE_INDEX)
+        )
+        embeds = self.adapter.embed(input_ids, pixel_values, num_patches_list, synced_gpus=synced)
+        hiddens, _ = self._latent_prefill(embeds, attention_mask, position_ids, layout)
+        hidden = torch.cat(hiddens, dim=1)
+
+        shift_labels = labels[:, 1:]
+        selected = shift_labels != IGNORE_INDEX
+        token_logits = self.adapter.head(hidden[:, :-1][selected]).float()
+        loss_sum = F.cross_entropy(token_logits, shift_labels[selected], reduction="sum")
+        n_tokens = selected.sum()
+        denom = n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = loss_sum / denom
+
+        thoughts, is_thought = _thoughts(hiddens, layout)
+        text = attention_mask.bool() & (input_ids != self.latent_token_id)
+        return Outputs(
+            loss=loss,
+            inputs_embeds=_filled_embeds(embeds, thoughts, is_thought, layout),
+            logits=self.adapter.head(hidden) if return_logits else None,
+            num_label_tokens=n_tokens,
+            thought_norm=_masked_mean(thoughts.detach().norm(dim=-1), is_thought) if layout.n_passes else None,
+            token_norm=_masked_mean(embeds.detach().norm(dim=-1), text),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        synced_gpus: bool = False,
+        position_ids: torch.Tensor | None = None,
+        stop_check_every: int = 4,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Batched greedy decoding after the latent passes; returns new tokens [B, T], pad after eos.
+
+        Each sample's tokens equal generating it alone. With synced_gpus every rank keeps stepping
+        (dummy steps once done) until all ranks are finished, as FSDP needs.
+        """
+        synced = synced_gpus or self.synced_gpus
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        layout = self._layout(input_ids, synced)
+        input_ids, attention_mask, position_ids = self._fit_layout(
+            layout, input_ids, (attention_mask, 0), (position_ids, 0)
+        )
+        embeds = self.adapter.embed(input_ids, pixel_values, num_patches_list, synced_gpus=synced)
+        hiddens, cache = self._latent_prefill(embeds, attention_mask, position_ids, layout)
+        hidden = torch.cat(hiddens, dim=1)
+
+        batch = input_ids.shape[0]
+        cols = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (cols * attention_mask.bool()).argmax(1)  # last real position of each prompt
+        rows = torch.arange(batch, device=input_ids.device)
+        logits = self.adapter.head(hidden[rows, last])
+        next_pos = position_ids[rows, last] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        tokens: list[torch.Tensor] = []
+        for step in range(max_new_tokens):
+            token = torch.where(finished, self.pad_token_id, logits.argmax(-1))
+            tokens.append(token)
+            finished = finished | (token == self.eos_token_id)
+            if step + 1 == max_new_tokens:
+                break
+            if (step + 1) % stop_check_every == 0 and self._all_done(finished, synced):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            hidden = self.adapter.decode(
+                self.adapter.embed_tokens(token[:, None]), attention_mask, next_pos[:, None], cache
+            )
+            self.gen_forward_cnt += 1
+            logits = self.adapter.head(hidden[:, -1])
+            next_pos = next_pos + 1
+        return torch.stack(tokens, dim=1)
+
+    @staticmethod
+    def _all_done(finished: torch.Tensor, synced: bool) -> bool:
+        running = (~finished).sum()
+        if synced and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(running)
+        return int(running) == 0
+
+
+def _thoughts(hiddens: list[torch.Tensor], layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuous thoughts [B, n, H] (pass p's last hidden state is latent p+1) and which are real."""
+    if layout.n_passes == 0:
+        return hiddens[0][:, :0], layout.counts.new_zeros(layout.counts.shape[0], 0, dtype=torch.bool)
+    thoughts = torch.cat([h[:, -1:] for h in hiddens[:-1]], dim=1)
+    is_thought = torch.arange(layout.n_passes, device=thoughts.device)[None, :] < layout.counts[:, None]
+    return thoughts, is_thought
+
+
+def _filled_embeds(
+    embeds: torch.Tensor, thoughts: torch.Tensor, is_thought: torch.Tensor, layout: _Layout
+) -> torch.Tensor:
+    """The input embeddings with every latent replaced by its thought (for inspection and logging)."""
+    if layout.n_passes == 0:
+        return embeds
+    column, n = layout.column, layout.n_passes
+    middle = torch.where(is_thought[..., None], thoughts.to(embeds.dtype), embeds[:, column : column + n])
+    return torch.cat([embeds[:, :column], middle, embeds[:, column + n :]], dim=1)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked entries without a host sync (no boolean indexing)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,231 @@
+"""Text data path: records → tokens → stage-scheduled samples → latent-aligned batches.
+
+Semantics follow the original COCONUT dataset.py (get_dataset, get_cot_latent_dataset,
+get_question_latent_dataset, MyCollator); see DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils import Config
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A problem with an input file, reported with its path, record index and key."""
+
+
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate a COCONUT JSON file: a list of {question, steps, answer[, image|video]}."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        _validate_record(record, f"{path}: record {i}")
+    return records
+
+
+def _validate_record(record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+    for key in ("question", "steps", "answer"):
+        if key not in record:
+            raise DataError(f"{where}: missing key '{key}'")
+    if not isinstance(record["question"], str) or not record["question"].strip():
+        raise DataError(f"{where}: key 'question': expected a non-empty string")
+    steps = record["steps"]
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise DataError(f"{where}: key 'steps': expected a list of strings")
+    if not isinstance(record["answer"], str):
+        raise DataError(f"{where}: key 'answer': expected a string, got {type(record['answer']).__name__}")
+    image = record.get("image")
+    if image is not None and not (
+        isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(p, str) for p in image))
+    ):
+        raise DataError(f"{where}: key 'image': expected a path or a non-empty list of paths")
+    video = record.get("video")
+    if video is not None and not isinstance(video, str):
+        raise DataError(f"{where}: key 'video': expected a path")
+    if image is not None and video is not None:
+        raise DataError(f"{where}: keys 'image' and 'video': a record carries one or the other")
+    if "num_frames" in record and (not isinstance(record["num_frames"], int) or record["num_frames"] < 1):
+        raise DataError(f"{where}: key 'num_frames': expected a positive integer")
+
+
+def tokenize_sample(
+    record: dict[str, Any], idx: int, tokenizer: Any, question_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """Tokenize one record piecewise exactly as COCONUT does.
+
+    question_ids, when given, replaces the question's tokens (the multimodal path puts the
+    expanded image block and prompt template there).
+    """
+    if question_ids is None:
+        question_ids = tokenizer.encode(record["question"] + "\n", add_special_tokens=True)
+    return {
+        "question_tokenized": list(question_ids),
+        "steps_tokenized": [tokenizer.encode(s + "\n", add_special_tokens=False) for s in record["steps"]],
+        "answer_tokenized": tokenizer.encode("### " + record["answer"], add_special_tokens=False)
+        + [tokenizer.eos_token_id],
+        "idx": idx,
+    }
+
+
+def get_dataset(path: str | Path, tokenizer: Any, max_size: int | None = None) -> list[dict[str, Any]]:
+    """Load and tokenize a text-only data file (the original get_dataset)."""
+    records = load_records(path)[:max_size]
+    return [tokenize_sample(r, i, tokenizer) for i, r in enumerate(records)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentIds:
+    """Ids of the three tokens COCONUT adds to the vocabulary."""
+
+    start: int
+    latent: int
+    end: int
+
+
+def _latent_block(n_latent: int, ids: LatentIds, markers: bool) -> list[int]:
+    if not markers:
+        return [ids.latent] * n_latent
+    return [ids.start] + [ids.latent] * n_latent + [ids.end]
+
+
+def cot_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: LatentIds) -> dict[str, Any]:
+    """One training sample at a curriculum stage: first `stage` steps → latents (original semantics)."""
+    n_steps = len(sample["steps_tokenized"])
+    if stage > config.max_latent_stage:
+        n_skip = n_steps
+        n_latent = config.max_latent_stage if config.pad_latent_to_max else min(n_steps, config.max_latent_stage)
+    else:
+        n_skip = n_latent = stage
+    if config.method == "no_cot":
+        n_skip, n_latent = n_steps, 0
+    n_latent *= config.thoughts_per_step
+    prefix = sample["question_tokenized"] + _latent_block(n_latent, ids, config.uses_markers)
+    tokens = prefix + list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
+    return {
+        "input_ids": tokens,
+        "labels": [IGNORE_INDEX] * len(prefix) + tokens[len(prefix):],
+        "attention_mask": [1] * len(tokens),
+        "position_ids": list(range(len(tokens))),
+        "idx": sample["idx"],
+    }
+
+
+def get_cot_latent_dataset(
+    scheduled_stage: int,
+    base_dataset: Sequence[dict[str, Any]],
+    config: Config,
+    ids: LatentIds,
+    rng: random.Random | None = None,
+) -> list[dict[str, Any]]:
+    """Training samples for a stage; uniform_prob mixes in samples of a random other stage."""
+    rng = rng or random.Random(config.seed)
+    out = []
+    for sample in base_dataset:
+        stage = scheduled_stage
+        if config.uniform_prob > 0 and rng.random() < config.uniform_prob:
+            stage = rng.choice(range(len(sample["steps_tokenized"]) + 1))
+        out.append(cot_latent_sample(sample, stage, config, ids))
+    return out
+
+
+def question_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: LatentIds) -> dict[str, Any]:
+    """Generation prompt for a stage: question + latents (+ markers), nothing of the answer."""
+    n_steps = len(sample["steps_tokenized"])
+    max_stage = config.max_latent_stage if config.pad_latent_to_max else min(config.max_latent_stage, n_steps)
+    n_latent = 0 if config.method == "no_cot" else min(max_stage, stage) * config.thoughts_per_step
+    tokens = sample["question_tokenized"] + _latent_block(n_latent, ids, config.uses_markers)
+    return {
+        "input_ids": tokens,
+        "attention_mask": [1] * len(tokens),
+        "position_ids": list(range(len(tokens))),
+        "idx": sample["idx"],
+    }
+
+
+def get_question_latent_dataset(
+    scheduled_stage: int, base_dataset: Sequence[dict[str, Any]], config: Config, ids: LatentIds
+) -> list[dict[str, Any]]:
+    """Evaluation prompts for a stage (the original get_question_latent_dataset)."""
+    return [question_latent_sample(s, scheduled_stage, config, ids) for s in base_dataset]
+
+
+class MyCollator:
+    """Pads a batch so that every sample's first latent sits in the same column.
+
+    Samples with latents are left-padded (position_ids restart at 0 after the padding,
+    attention_mask 0 on it); then everything is right-padded to the longest sample.
+    """
+
+    def __init__(self, pad_token_id: int, latent_id: int, label_pad_token_id: int = IGNORE_INDEX) -> None:
+        self.pad_token_id = pad_token_id
+        self.latent_id = latent_id
+        self.label_pad_token_id = label_pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        firsts = [_first_index(f["input_ids"], self.latent_id) for f in features]
+        column = max((c for c in firsts if c is not None), default=None)
+        padded = []
+        for f, first in zip(features, firsts):
+            n_left = 0 if first is None else column - first
+            padded.append(_pad_left(f, n_left, self.pad_token_id, self.label_pad_token_id))
+        length = max(len(f["input_ids"]) for f in padded)
+        batch = {
+            "input_ids": _stack(padded, "input_ids", length, self.pad_token_id),
+            "attention_mask": _stack(padded, "attention_mask", length, 0),
+            "position_ids": _stack(padded, "position_ids", length, 0),
+            "idx": torch.tensor([f["idx"] for f in padded]),
+        }
+        if "labels" in padded[0]:
+            batch["labels"] = _stack(padded, "labels", length, self.label_pad_token_id)
+        return batch
+
+
+def _first_index(ids: list[int], token: int) -> int | None:
+    try:
+        return ids.index(token)
+    except ValueError:
+        return None
+
+
+def _pad_left(feature: dict[str, Any], n: int, pad_id: int, label_pad: int) -> dict[str, Any]:
+    out = dict(feature)
+    out["input_ids"] = [pad_id] * n + feature["input_ids"]
+    out["attention_mask"] = [0] * n + feature["attention_mask"]
+    out["position_ids"] = [0] * n + list(range(len(feature["input_ids"])))
+    if "labels" in feature:
+        out["labels"] = [label_pad] * n + feature["labels"]
+    return out
+
+
+def _stack(features: list[dict[str, Any]], key: str, length: int, pad: int) -> torch.Tensor:
+    return torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features], dtype=torch.long)
+
+
+def check_tokenization(sample: dict[str, Any], record: dict[str, Any], tokenizer: Any) -> None:
+    """The original's self-check: piecewise tokens equal tokenizing the whole string at once."""
+    full = record["question"] + "\n" + "\n".join(record["steps"]) + ("\n" if record["steps"] else "") + "### " + record["answer"]
+    expected = tokenizer.encode(full, add_special_tokens=True) + [tokenizer.eos_token_id]
+    got = sample["question_tokenized"] + list(itertools.chain.from_iterable(sample["steps_tokenized"])) + sample["answer_tokenized"]
+    if got != expected:
+        raise DataError(f"record {sample['idx']}: piecewise tokenization differs from the whole string's")
+

@@ -1,0 +1,258 @@
+"""Typed, validated run configuration (YAML → Config) and small shared helpers.
+
+Every key of the original COCONUT recipe keeps its name and meaning; the multimodal port adds
+its own keys. All validation happens here, before any model is loaded, so a typo costs seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import random
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+
+DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"
+METHOD_KEYS = ("coconut", "cot", "no_thoughts", "no_cot")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the file and key it concerns."""
+
+
+@dataclasses.dataclass
+class Config:
+    """One training / evaluation run. Field names are the YAML keys."""
+
+    # --- original COCONUT keys -------------------------------------------------------------
+    project: str = "coconut-vl"
+    save_path: str = "checkpoints"
+    name: str = "run"
+    only_eval: bool = False
+    coconut: bool = False
+    cot: bool = False
+    no_thoughts: bool = False
+    no_cot: bool = False
+    c_thought: int = 1
+    epochs_per_stage: int = 1
+    max_latent_stage: int = 3
+    pad_latent_to_max: bool = False
+    save_only_improve: bool = False
+    uniform_prob: float = 0.0
+    model_id: str | None = None
+    load_model_path: str | None = None
+    seed: int = 0
+    resume: int = 0
+    bf16: bool = False
+    train_path: str | None = None
+    val_path: str | None = None
+    reset_optimizer: bool = False
+    batch_size_training: int = 1
+    debug: bool = False
+    gradient_accumulation_steps: int = 1
+    num_epochs: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    # --- multimodal ------------------------------------------------------------------------
+    multimodal: bool = False
+    image_dir: str | None = None
+    allow_external_images: bool = False
+    max_tiles: int = 12
+    image_size: int = 448
+    video_tiles: int = 1
+    num_frames: int = 8
+    prompt_format: Literal["plain", "internvl2_5"] = "plain"
+    max_length: int | None = None
+    overlong: Literal["error", "drop"] = "error"
+    # --- model set-up ----------------------------------------------------------------------
+    fp16: bool = False
+    trust_remote_code: bool = False
+    model_cache_dir: str = "~/.cache/coconut_vl"
+    freeze_backbone: bool = False
+    freeze_mlp: bool = False
+    freeze_llm: bool = False
+    activation_checkpointing: bool = False
+    # --- optimisation and evaluation -------------------------------------------------------
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 0.0
+    batch_size_eval: int = 8
+    max_new_tokens: int = 64
+    num_workers: int = 1
+    # --- logging and distributed -----------------------------------------------------------
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    log_every: int = 1
+    dist_timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        if self.multimodal and self.model_id is None:
+            self.model_id = DEFAULT_MULTIMODAL_MODEL
+        if self.load_model_path in ("None", ""):
+            self.load_model_path = None
+
+    @property
+    def method(self) -> str:
+        """The training method; Coconut unless another one is switched on."""
+        return next((k for k in METHOD_KEYS[1:] if getattr(self, k)), "coconut")
+
+    @property
+    def uses_markers(self) -> bool:
+        """Latent markers exist only for coconut (the original omits them for cot/no_cot/no_thoughts)."""
+        return self.method == "coconut"
+
+    @property
+    def thoughts_per_step(self) -> int:
+        """no_thoughts keeps the curriculum but replaces each step by zero thoughts."""
+        return 0 if self.method == "no_thoughts" else self.c_thought
+
+    def stage(self, epoch: int) -> int:
+        """Curriculum stage of an epoch; cot and no_cot stay at stage 0."""
+        return 0 if self.method in ("cot", "no_cot") else epoch // self.epochs_per_stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
+             "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
+             "video_tiles", "num_frames", "log_every", "dist_timeout_s")
+_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "lr", "weight_decay", "max_grad_norm")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return value coerced to the annotated type, or raise with the expected type named."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"expected one of {args}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"expected one of {list(args)}, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string: accept numeric strings for float keys.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Build and validate a Config; every error names `source` and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        try:
+            values[key] = _check_type(key, value, hints[key])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: key '{key}': {e}") from None
+    config = Config(**values)
+    _check_values(config, source)
+    return config
+
+
+def _check_values(config: Config, source: str) -> None:
+    on = [k for k in METHOD_KEYS if getattr(config, k)]
+    if len(on) > 1:
+        raise ConfigError(f"{source}: keys {on}: choose at most one method of {list(METHOD_KEYS)}")
+    if config.bf16 and config.fp16:
+        raise ConfigError(f"{source}: keys 'bf16' and 'fp16': choose one precision")
+    for key in _POSITIVE:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{source}: key '{key}': must be > 0, got {getattr(config, key)}")
+    for key in _NON_NEGATIVE:
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{source}: key '{key}': must be >= 0, got {getattr(config, key)}")
+    if not 0.0 <= config.uniform_prob <= 1.0:
+        raise ConfigError(f"{source}: key 'uniform_prob': must be in [0, 1], got {config.uniform_prob}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ConfigError(f"{source}: key 'warmup_ratio': must be in [0, 1), got {config.warmup_ratio}")
+    if config.max_length is not None and config.max_length <= 0:
+        raise ConfigError(f"{source}: key 'max_length': must be > 0, got {config.max_length}")
+    if config.model_id is None:
+        raise ConfigError(f"{source}: key 'model_id': required for text-only runs (multimodal: false)")
+    if config.only_eval and config.load_model_path is None:
+        raise ConfigError(f"{source}: key 'load_model_path': only_eval needs a checkpoint to evaluate")
+    if not config.only_eval and config.train_path is None:
+        raise ConfigError(f"{source}: key 'train_path': required unless only_eval is true")
+    if config.val_path is None:
+        raise ConfigError(f"{source}: key 'val_path': required")
+    if config.multimodal and config.image_dir is None:
+        raise ConfigError(f"{source}: key 'image_dir': required when multimodal is true")
+
+
+def check_paths(config: Config, source: str = "<config>") -> None:
+    """Check that inputs exist and save_path is writable — cheap, so it runs before model loading."""
+    needed = {"val_path": config.val_path, "load_model_path": config.load_model_path}
+    if not config.only_eval:
+        needed["train_path"] = config.train_path
+    if config.multimodal:
+        needed["image_dir"] = config.image_dir
+    for key, path in needed.items():
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{source}: key '{key}': path does not exist: {path}")
+    save_dir = Path(config.save_path)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{source}: key 'save_path': not writable: {save_dir} ({e})") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file into a validated Config."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(raw or {}, str(path))
+
+
+def set_seed(seed: int) -> None:
+    """Seed every RNG the run draws from."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
