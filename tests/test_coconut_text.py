@@ -8,6 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from coconut import Coconut, LatentLayoutError
 from dataset import MyCollator
+from latent_checkpoint import enable_latent_checkpointing
 from tests.latent_reference import reference_forward
 
 VOCAB, START, LATENT, END, EOS, PAD = 64, 60, 61, 62, 63, 0
@@ -57,7 +58,8 @@ def assert_close_grads(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6)
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
-def test_forward_loss_and_grads_equal_reference():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_loss_and_grads_equal_reference(checkpointing):
     model = tiny_lm()
     batch = mixed_batch()
     batch.pop("idx")
@@ -66,6 +68,9 @@ def test_forward_loss_and_grads_equal_reference():
     ref_grads = grads(model)
     model.zero_grad()
 
+    if checkpointing:
+        enable_latent_checkpointing(model.model.layers)
+        model.train()  # checkpointing only acts with grad enabled; dropout is 0 in this config
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     out = coconut(**batch, return_logits=True)
     out.loss.backward()
@@ -75,6 +80,21 @@ def test_forward_loss_and_grads_equal_reference():
     assert_close_grads(grads(model), ref_grads)
     assert coconut.gen_forward_cnt == 4  # 3 latents → 4 passes
     assert out.thought_norm is not None and out.thought_norm > 0
+
+
+def test_checkpointing_recomputes_in_backward():
+    """The checkpointed path really drops activations: backward re-runs each layer's forward."""
+    model = tiny_lm()
+    enable_latent_checkpointing(model.model.layers)
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recompute stops early
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = mixed_batch()
+    batch.pop("idx")
+    out = coconut(**batch)
+    n_forward = len(calls)
+    out.loss.backward()
+    assert n_forward == 4 and len(calls) == 2 * n_forward
 
 
 def test_zero_latent_batch_is_plain_forward():

@@ -1,0 +1,64 @@
+"""Activation checkpointing that stays exact inside the latent loop.
+
+HF gradient checkpointing forces use_cache=False and drops the cache inside each decoder layer,
+so the latent loop would silently compute wrong logits; plain torch.utils.checkpoint around a
+layer that appends to the shared cache appends K/V a second time when it recomputes in backward.
+Here each checkpointed layer call gets its own one-layer cache holding exactly the past K/V it
+saw (passed in as checkpoint inputs) and returns its new K/V; they are appended to the shared
+cache outside the checkpointed region (DESIGN.md §3b).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hf_compat import cache_keyword, layer_past
+
+
+class _OneLayerCache:
+    """Stands in for the shared cache during one layer call: past K/V in, new K/V recorded."""
+
+    def __init__(self, past_keys: torch.Tensor | None, past_values: torch.Tensor | None) -> None:
+        self.past_keys, self.past_values = past_keys, past_values
+        self.new_keys: torch.Tensor | None = None
+        self.new_values: torch.Tensor | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new_keys, self.new_values = keys, values
+        if self.past_keys is None:
+            return keys, values
+        return torch.cat([self.past_keys, keys], dim=-2), torch.cat([self.past_values, values], dim=-2)
+
+
+def _checkpointed_forward(forward: Callable, layer_idx: int, cache_kw: str, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(hidden_states, *args, **kwargs)
+    shared = kwargs.get(cache_kw)
+    if shared is None:
+        return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
+    past_keys, past_values = layer_past(shared, layer_idx)
+
+    def run(h: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        local = _OneLayerCache(pk, pv)
+        out = forward(h, *args, **{**kwargs, cache_kw: local})
+        return out, local.new_keys, local.new_values
+
+    out, new_keys, new_values = checkpoint(run, hidden_states, past_keys, past_values, use_reentrant=False)
+    shared.update(new_keys, new_values, layer_idx)
+    return out
+
+
+def enable_latent_checkpointing(decoder_layers: nn.ModuleList) -> None:
+    """Checkpoint every decoder layer in a way that keeps the KV-cached latent loop exact."""
+    for layer in decoder_layers:
+        attention = getattr(layer, "self_attn", None)
+        if attention is None or not hasattr(attention, "layer_idx"):
+            raise TypeError(f"{type(layer).__name__}: expected a decoder layer with self_attn.layer_idx")
+        forward = layer.forward
+        layer.forward = functools.partial(_checkpointed_forward, forward, attention.layer_idx, cache_keyword(forward))
