@@ -1,0 +1,458 @@
+"""Tests for multimodal.transforms: model-card-exact tiling and robust image loading."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.transforms.functional import InterpolationMode
+
+from multimodal.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageLoadError,
+    ImageTransform,
+    load_image,
+    tile_grid,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Reference: InternVL3 model card code, copied verbatim apart from names/formatting.
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_build_transform(input_size: int) -> T.Compose:
+    return T.Compose(
+        [
+            T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
+            T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+def ref_target_ratio(width, height, min_num, max_num, image_size):
+    aspect_ratio = width / height
+    target_ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    )
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    return ref_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size)
+
+
+def ref_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
+    orig_width, orig_height = image.size
+    target_aspect_ratio = ref_target_ratio(orig_width, orig_height, min_num, max_num, image_size)
+    target_width = image_size * target_aspect_ratio[0]
+    target_height = image_size * target_aspect_ratio[1]
+    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
+    resized_img = image.resize((target_width, target_height))
+    processed_images = []
+    for i in range((target_width // image_size) * (target_height // image_size)):
+        box = (
+            (i % (target_width // image_size)) * image_size,
+            (i // (target_width // image_size)) * image_size,
+            ((i % (target_width // image_size)) + 1) * image_size,
+            ((i // (target_width // image_size)) + 1) * image_size,
+        )
+        processed_images.append(resized_img.crop(box))
+    assert len(processed_images) == blocks
+    if use_thumbnail and len(processed_images) != 1:
+        processed_images.append(image.resize((image_size, image_size)))
+    return processed_images
+
+
+def ref_pixel_values(image, input_size=448, max_num=12, use_thumbnail=True):
+    image = image.convert("RGB")
+    transform = ref_build_transform(input_size)
+    images = ref_dynamic_preprocess(image, image_size=input_size, use_thumbnail=use_thumbnail, max_num=max_num)
+    return torch.stack([transform(img) for img in images])
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth gradient plus noise: exercises interpolation without being pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1
+    )
+    noisy = base + rng.normal(0, 20, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
+def rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiling
+# ---------------------------------------------------------------------------------------------
+
+TILING_CASES = [
+    # (width, height, image_size, max_tiles)
+    (1, 1, 448, 12),
+    (10, 10, 448, 12),
+    (1344, 448, 448, 12),  # 3:1
+    (300, 1500, 448, 12),  # 1:5
+    (4000, 3000, 448, 12),
+    (448, 448, 448, 12),
+    (999, 333, 56, 12),
+    (57, 400, 56, 6),
+    (1000, 700, 56, 40),
+    (1500, 700, 448, 1),
+    (2, 1000, 56, 12),
+]
+
+
+@pytest.mark.parametrize(("width", "height", "image_size", "max_tiles"), TILING_CASES)
+def test_pixel_values_match_model_card(width, height, image_size, max_tiles):
+    image = make_image(width, height)
+    transform = ImageTransform(image_size=image_size, max_tiles=max_tiles)
+    got = transform(image)
+    want = ref_pixel_values(image, input_size=image_size, max_num=max_tiles)
+    cols, rows = tile_grid(width, height, image_size, max_tiles)
+    assert (cols, rows) == ref_target_ratio(width, height, 1, max_tiles, image_size)
+    expected_n = cols * rows + (1 if cols * rows > 1 else 0)
+    assert got.dtype == torch.float32
+    assert got.shape == (expected_n, 3, image_size, image_size) == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_expected_grids_for_odd_shapes():
+    assert tile_grid(1, 1, 448, 12) == (1, 1)
+    assert tile_grid(10, 10, 448, 12) == (1, 1)  # tiny square: tie with 2x2 etc. but area too small
+    assert tile_grid(448, 448, 448, 12) == (1, 1)  # 448^2 is not > 0.5 * 448^2 * 4
+    assert tile_grid(896, 896, 448, 12) == (2, 2)  # large enough to take the bigger square grid
+    assert tile_grid(1344, 448, 448, 12) == (3, 1)
+    assert tile_grid(300, 1500, 448, 12) == (1, 5)
+    assert tile_grid(4000, 3000, 448, 12) == (4, 3)
+    assert tile_grid(4000, 3000, 448, 1) == (1, 1)
+
+
+def test_tile_grid_matches_reference_on_sweep():
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        width, height = (int(v) for v in rng.integers(1, 5000, size=2))
+        image_size = int(rng.choice([28, 56, 448]))
+        max_tiles = int(rng.integers(1, 25))
+        min_tiles = int(rng.integers(1, max_tiles + 1))
+        assert tile_grid(width, height, image_size, max_tiles, min_tiles) == ref_target_ratio(
+            width, height, min_tiles, max_tiles, image_size
+        ), (width, height, image_size, max_tiles, min_tiles)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "min_tiles", "max_tiles"),
+    # Exact equal-area ties where the model card's set order matters (HF's GotOcr2 order differs).
+    [(2288, 880, 5, 5), (13, 5, 5, 5), (5, 2, 4, 4), (2005, 802, 4, 4), (15, 4, 6, 7), (1005, 3216, 8, 8)],
+)
+def test_equal_area_ties_follow_model_card(width, height, min_tiles, max_tiles):
+    assert tile_grid(width, height, 448, max_tiles, min_tiles) == ref_target_ratio(
+        width, height, min_tiles, max_tiles, 448
+    )
+
+
+def test_thumbnail_only_with_multiple_tiles():
+    wide = make_image(900, 300)
+    assert ImageTransform(max_tiles=12)(wide).shape[0] == 3 + 1
+    assert ImageTransform(max_tiles=12, use_thumbnail=False)(wide).shape[0] == 3
+    torch.testing.assert_close(
+        ImageTransform(use_thumbnail=False)(wide), ref_pixel_values(wide, use_thumbnail=False), rtol=0, atol=1e-6
+    )
+    assert ImageTransform(max_tiles=12)(make_image(300, 300)).shape[0] == 1  # single tile, no thumbnail
+
+
+def test_max_tiles_one_gives_single_tile():
+    got = ImageTransform(image_size=56, max_tiles=1)(make_image(900, 100))
+    assert got.shape == (1, 3, 56, 56)
+
+
+def test_tiles_are_row_major_and_thumbnail_last():
+    image = make_image(112, 56)  # 2x1 grid at image_size 56
+    tiles = ImageTransform(image_size=56).tiles(image)
+    assert len(tiles) == 3
+    np.testing.assert_array_equal(rgb(tiles[0]), rgb(image)[:, :56])
+    np.testing.assert_array_equal(rgb(tiles[1]), rgb(image)[:, 56:])
+    np.testing.assert_array_equal(rgb(tiles[2]), rgb(image.resize((56, 56), Image.Resampling.BICUBIC)))
+
+
+def test_non_rgb_image_is_converted_in_call():
+    gray = Image.fromarray(np.full((30, 40), 200, np.uint8), "L")
+    got = ImageTransform(image_size=28)(gray)
+    torch.testing.assert_close(got, ref_pixel_values(gray, input_size=28), rtol=0, atol=1e-6)
+
+
+def test_load_pixel_values(tmp_path):
+    image = make_image(700, 300)
+    path = tmp_path / "x.png"
+    image.save(path)
+    got = ImageTransform(image_size=56, max_tiles=6).load_pixel_values(path)
+    torch.testing.assert_close(got, ref_pixel_values(image, input_size=56, max_num=6), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": -5}, "image_size"),
+        ({"image_size": 44.8}, "image_size"),
+        ({"max_tiles": 0}, "max_tiles"),
+        ({"std": (0.2, 0.0, 0.2)}, "std"),
+        ({"mean": (0.5, 0.5)}, "mean"),
+    ],
+)
+def test_transform_argument_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ImageTransform(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ((0, 10, 448, 12), "width"),
+        ((10, 0, 448, 12), "height"),
+        ((10, 10, 0, 12), "image_size"),
+        ((10, 10, 448, 0), "max_tiles"),
+        ((10, 10, 448, 2, 3), "min_tiles"),
+    ],
+)
+def test_tile_grid_argument_validation(args, name):
+    with pytest.raises(ValueError, match=name):
+        tile_grid(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: modes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rgb_png_round_trip(tmp_path):
+    image = make_image(31, 17)
+    image.save(tmp_path / "a.png")
+    loaded = load_image(str(tmp_path / "a.png"))
+    assert loaded.mode == "RGB"
+    np.testing.assert_array_equal(rgb(loaded), rgb(image))
+
+
+def test_grayscale(tmp_path):
+    Image.fromarray(np.array([[0, 100, 255]], np.uint8), "L").save(tmp_path / "g.png")
+    loaded = load_image(tmp_path / "g.png")
+    assert loaded.mode == "RGB"
+    np.testing.assert_array_equal(rgb(loaded)[0], [[0, 0, 0], [100, 100, 100], [255, 255, 255]])
+
+
+def test_one_bit(tmp_path):
+    Image.fromarray(np.array([[0, 255]], np.uint8), "L").convert("1").save(tmp_path / "b.png")
+    loaded = load_image(tmp_path / "b.png")
+    assert loaded.mode == "RGB"
+    np.testing.assert_array_equal(rgb(loaded)[0], [[0, 0, 0], [255, 255, 255]])
+
+
+def test_rgba_composited_on_white(tmp_path):
+    data = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], np.uint8)
+    Image.fromarray(data, "RGBA").save(tmp_path / "a.png")
+    loaded = load_image(tmp_path / "a.png")
+    assert loaded.mode == "RGB"
+    np.testing.assert_allclose(rgb(loaded)[0], [[255, 0, 0], [255, 255, 255], [127, 127, 255]], atol=1)
+
+
+def test_la_composited_on_white(tmp_path):
+    data = np.array([[[0, 255], [0, 0]]], np.uint8)
+    Image.fromarray(data, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "la.png"))[0], [[0, 0, 0], [255, 255, 255]])
+
+
+def test_palette_with_transparency(tmp_path):
+    pal = Image.new("P", (3, 1))
+    pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 0] + [0] * (256 * 3 - 9))
+    pal.putdata([0, 1, 2])
+    pal.info["transparency"] = 2  # index 2 (black) is transparent
+    for name in ("p.png", "p.gif"):
+        pal.save(tmp_path / name, transparency=2)
+        loaded = load_image(tmp_path / name)
+        assert loaded.mode == "RGB"
+        np.testing.assert_array_equal(rgb(loaded)[0], [[255, 0, 0], [0, 255, 0], [255, 255, 255]])
+
+
+def test_palette_without_transparency(tmp_path):
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6))
+    pal.putdata([0, 1])
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "p.png"))[0], [[10, 20, 30], [200, 100, 50]])
+
+
+def test_rgb_with_trns_chunk(tmp_path):
+    Image.fromarray(np.array([[[1, 2, 3], [9, 9, 9]]], np.uint8), "RGB").save(
+        tmp_path / "t.png", transparency=(1, 2, 3)
+    )
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "t.png"))[0], [[255, 255, 255], [9, 9, 9]])
+
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16bit_grayscale_scaled(tmp_path, suffix):
+    data = np.array([[0, 257 * 100, 257 * 128, 65535]], np.uint16)
+    path = tmp_path / f"g16.{suffix}"
+    Image.fromarray(data).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    loaded = load_image(path)
+    assert loaded.mode == "RGB"
+    np.testing.assert_array_equal(rgb(loaded)[0, :, 0], [0, 100, 128, 255])
+    np.testing.assert_array_equal(rgb(loaded)[..., 0], rgb(loaded)[..., 2])
+
+
+def test_32bit_int_grayscale(tmp_path):
+    Image.fromarray(np.array([[0, 257 * 64, 65535]], np.int32), "I").save(tmp_path / "i.tif")
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "i.tif"))[0, :, 0], [0, 64, 255])
+    Image.fromarray(np.array([[-100, 0, 100]], np.int32), "I").save(tmp_path / "signed.tif")
+    # Negative values: no nominal range, stretched min..max.
+    np.testing.assert_allclose(rgb(load_image(tmp_path / "signed.tif"))[0, :, 0], [0, 128, 255], atol=1)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([0.0, 0.5, 1.0], [0, 128, 255]), ([0.0, 100.0, 255.0], [0, 100, 255]), ([-1.0, 0.0, 1.0], [0, 128, 255])],
+)
+def test_float_grayscale(tmp_path, values, expected):
+    Image.fromarray(np.array([values], np.float32), "F").save(tmp_path / "f.tif")
+    np.testing.assert_allclose(rgb(load_image(tmp_path / "f.tif"))[0, :, 0], expected, atol=1)
+
+
+def test_cmyk(tmp_path):
+    data = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255]]], np.uint8)
+    Image.fromarray(data, "CMYK").save(tmp_path / "c.tif")
+    loaded = load_image(tmp_path / "c.tif")
+    assert loaded.mode == "RGB"
+    np.testing.assert_array_equal(rgb(loaded)[0], [[255, 255, 255], [0, 255, 255], [0, 0, 0]])
+    Image.fromarray(data, "CMYK").resize((24, 8), Image.Resampling.NEAREST).save(tmp_path / "c.jpg", quality=100)
+    jpg = load_image(tmp_path / "c.jpg")
+    assert jpg.mode == "RGB" and jpg.size == (24, 8)
+    np.testing.assert_allclose(rgb(jpg)[4, 12], [0, 255, 255], atol=12)
+
+
+def test_exif_orientation_applied(tmp_path):
+    # Stored 40 wide x 20 high: left half red, right half blue. Orientation 6 = rotate 90 deg
+    # clockwise for display, so the displayed image is 20 x 40 with red on top, blue at bottom.
+    data = np.zeros((20, 40, 3), np.uint8)
+    data[:, :20] = (255, 0, 0)
+    data[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(data, "RGB").save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    loaded = load_image(tmp_path / "r.jpg")
+    assert loaded.size == (20, 40)
+    px = rgb(loaded)
+    np.testing.assert_allclose(px[5, 10], [255, 0, 0], atol=10)
+    np.testing.assert_allclose(px[35, 10], [0, 0, 255], atol=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: errors
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_load_error(path: Path, reason_fragment: str) -> None:
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    assert isinstance(info.value, ValueError)
+    assert str(path) in str(info.value)
+    assert reason_fragment in info.value.reason
+    assert info.value.path == path
+
+
+def test_missing_file(tmp_path):
+    assert_load_error(tmp_path / "nope.png", "not found")
+
+
+def test_directory(tmp_path):
+    assert_load_error(tmp_path, "not a regular file")
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert_load_error(tmp_path / "empty.png", "empty")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file(tmp_path, fmt):
+    buf = io.BytesIO()
+    make_image(200, 200).save(buf, fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert_load_error(path, "truncated")
+
+
+def test_corrupt_data(tmp_path):
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[100:400] = bytes(300)  # clobber compressed pixel data, keep the header
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    assert_load_error(tmp_path / "bad.png", "corrupt")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.jpg").write_text("definitely not pixels\n")
+    assert_load_error(tmp_path / "notes.jpg", "not a recognised image")
+
+
+@pytest.mark.parametrize("side", [11, 20])  # 121 px: warning level (>100); 400 px: error level (>200)
+def test_decompression_bomb(tmp_path, monkeypatch, side):
+    make_image(side, side).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning must become our error, not leak out
+        assert_load_error(tmp_path / "bomb.png", "decompression bomb")
+    assert Image.MAX_IMAGE_PIXELS == 100  # limit is not changed by load_image
+
+
+def test_under_bomb_limit_loads(tmp_path, monkeypatch):
+    make_image(10, 10).save(tmp_path / "ok.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert load_image(tmp_path / "ok.png").size == (10, 10)
+
+
+def test_error_pickles():
+    err = pickle.loads(pickle.dumps(ImageLoadError("/x/y.png", "boom")))
+    assert (err.path, err.reason) == ("/x/y.png", "boom")
+    assert "/x/y.png" in str(err) and "boom" in str(err)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (10, 10), (300, 100), (100, 500), (4000, 3000), (448, 448)])
+def test_num_tiles_from_size_matches_tiling(size):
+    transform = ImageTransform(image_size=56, max_tiles=12)
+    image = Image.new("RGB", size)
+    assert transform.num_tiles(*size) == transform(image).shape[0]
