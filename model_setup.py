@@ -1,0 +1,84 @@
+"""Model and processor set-up: load (converting original InternVL checkpoints), add latent tokens, freeze."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from dataset import LatentIds
+from utils import Config
+
+log = logging.getLogger(__name__)
+
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+# The original initialises new token rows from "<<" (COCONUT issue #41: not from themselves).
+INIT_FROM = "<<"
+
+
+class ModelSetupError(ValueError):
+    """A model, tokenizer or checkpoint that does not fit the run."""
+
+
+def add_latent_tokens(tokenizer: Any, model: nn.Module) -> LatentIds:
+    """Add COCONUT's three special tokens; new rows of embeddings and (untied) head copy "<<".
+
+    A tokenizer that already has them as added special tokens (a checkpoint of this project)
+    keeps them; one that has the same strings as ordinary vocabulary is an error, since their
+    meaning would silently change.
+    """
+    names = (START_LATENT, LATENT, END_LATENT)
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    vocab = tokenizer.get_vocab()
+    clash = [n for n in names if n in vocab and n not in added]
+    if clash:
+        raise ModelSetupError(f"tokenizer already has {clash} as ordinary tokens; cannot use them as latent markers")
+    new = [n for n in names if n not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in new], special_tokens=True)
+    ids = LatentIds(*(tokenizer.convert_tokens_to_ids(n) for n in names))
+    embeddings = model.get_input_embeddings()
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if new:
+        source = tokenizer.encode(INIT_FROM, add_special_tokens=False)[0]
+        with torch.no_grad():
+            rows = [tokenizer.convert_tokens_to_ids(n) for n in new]
+            for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+                weight[rows] = weight[source].clone()
+    return ids
+
+
+def freeze(model: nn.Module, config: Config) -> None:
+    """InternVL's fine-tune switches: freeze_backbone (vision tower), freeze_mlp (projector), freeze_llm."""
+    parts = {
+        "freeze_backbone": lambda m: m.model.vision_tower,
+        "freeze_mlp": lambda m: m.model.multi_modal_projector,
+        "freeze_llm": lambda m: nn.ModuleList([m.model.language_model, m.lm_head]),
+    }
+    for key, part in parts.items():
+        if getattr(config, key):
+            if not hasattr(getattr(model, "model", None), "vision_tower"):
+                raise ModelSetupError(f"{key}: only multimodal (InternVL) models have this part")
+            part(model).requires_grad_(False)
+
+
+def load_processor(model_dir: str | Path, multimodal: bool) -> Any:
+    """AutoProcessor for InternVL (tiling + tokenizer), AutoTokenizer for text-only models."""
+    if multimodal:
+        return AutoProcessor.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def load_base_model(model_dir: str | Path, multimodal: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The HF model in fp32 master weights (mixed precision happens in the trainer)."""
+    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    return cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
