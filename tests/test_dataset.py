@@ -1,0 +1,149 @@
+"""Text data path: tokenization, stage schedule per method, latent-aligned collation, record errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from dataset import (
+    DataError,
+    LatentIds,
+    MyCollator,
+    check_tokenization,
+    get_cot_latent_dataset,
+    get_dataset,
+    get_question_latent_dataset,
+    load_records,
+)
+from utils import config_from_dict
+
+RECORDS = [
+    {"question": "What is 2 plus 3, times 4?", "steps": ["<<2+3=5>>", "<<5*4=20>>"], "answer": "20"},
+    {"question": "Is the sky blue?", "steps": ["The sky is blue."], "answer": "yes"},
+    {"question": "No steps at all?", "steps": [], "answer": "1,000"},
+    {"question": "Three steps here.", "steps": ["a b", "c d", "e f"], "answer": "x"},
+]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+@pytest.fixture()
+def tok(internvl3_tokenizer):
+    return internvl3_tokenizer
+
+
+def cfg(**kw):
+    base = {"model_id": "m", "train_path": "t", "val_path": "v"}
+    return config_from_dict({**base, **kw})
+
+
+IDS = LatentIds(start=151674, latent=151675, end=151676)
+
+
+def test_piecewise_tokenization_equals_whole_string(tok, data_file):
+    """The original's own self-check, with the real InternVL3 (Qwen2.5) tokenizer."""
+    for sample, record in zip(get_dataset(data_file, tok), RECORDS):
+        check_tokenization(sample, record, tok)
+        assert sample["answer_tokenized"][-1] == tok.eos_token_id == 151645
+
+
+@pytest.mark.parametrize(
+    "method, stage, expected_latents, expected_markers",
+    [
+        ("coconut", 0, [0, 0, 0, 0], True),
+        ("coconut", 1, [1, 1, 1, 1], True),
+        ("coconut", 2, [2, 2, 2, 2], True),
+        ("coconut", 4, [2, 1, 0, 3], True),  # beyond max_latent_stage 3: all steps go, capped latents
+        ("cot", 2, [0, 0, 0, 0], False),
+        ("no_cot", 2, [0, 0, 0, 0], False),
+        ("no_thoughts", 2, [0, 0, 0, 0], False),
+    ],
+)
+def test_latents_per_stage_and_method(tok, data_file, method, stage, expected_latents, expected_markers):
+    config = cfg(**{method: True, "max_latent_stage": 3})
+    base = get_dataset(data_file, tok)
+    train = get_cot_latent_dataset(config.stage(stage), base, config, IDS)
+    for sample, base_sample, n in zip(train, base, expected_latents):
+        assert sample["input_ids"].count(IDS.latent) == n
+        assert (IDS.start in sample["input_ids"]) == expected_markers
+        # labels: -100 over question, markers and latents; the rest is supervised unchanged
+        n_prefix = len(base_sample["question_tokenized"]) + n + (2 if expected_markers else 0)
+        assert sample["labels"][:n_prefix] == [-100] * n_prefix
+        assert sample["labels"][n_prefix:] == sample["input_ids"][n_prefix:]
+        assert sample["labels"][-1] == tok.eos_token_id
+    if method in ("no_cot",):
+        assert all(len(s["input_ids"]) == len(b["question_tokenized"]) + len(b["answer_tokenized"]) for s, b in zip(train, base))
+    if method == "no_thoughts" and stage == 2:  # curriculum without thoughts: first 2 steps dropped
+        assert train[3]["input_ids"] == base[3]["question_tokenized"] + base[3]["steps_tokenized"][2] + base[3]["answer_tokenized"]
+
+
+def test_c_thought_and_pad_latent_to_max(tok, data_file):
+    base = get_dataset(data_file, tok)
+    config = cfg(c_thought=2, max_latent_stage=3, pad_latent_to_max=True)
+    train = get_cot_latent_dataset(5, base, config, IDS)
+    assert [s["input_ids"].count(IDS.latent) for s in train] == [6, 6, 6, 6]
+    questions = get_question_latent_dataset(1, base, config, IDS)
+    assert [q["input_ids"].count(IDS.latent) for q in questions] == [2, 2, 2, 2]
+    config = cfg(c_thought=2, max_latent_stage=3)
+    questions = get_question_latent_dataset(3, base, config, IDS)
+    assert [q["input_ids"].count(IDS.latent) for q in questions] == [4, 2, 0, 6]
+    assert all(q["input_ids"][-1] == IDS.end for q in questions)
+
+
+def test_uniform_prob_mixes_stages_deterministically(tok, data_file):
+    base = get_dataset(data_file, tok) * 25
+    config = cfg(uniform_prob=1.0, max_latent_stage=3)
+    a = get_cot_latent_dataset(0, base, config, IDS, random.Random(1))
+    b = get_cot_latent_dataset(0, base, config, IDS, random.Random(1))
+    assert a == b
+    counts = {s["input_ids"].count(IDS.latent) for s in a}
+    assert counts == {0, 1, 2, 3}
+
+
+def test_collator_aligns_first_latent_column(tok, data_file):
+    base = get_dataset(data_file, tok)
+    config = cfg(max_latent_stage=3)
+    feats = get_cot_latent_dataset(2, base, config, IDS)
+    feats.append(get_cot_latent_dataset(0, base[:1], cfg(cot=True), IDS)[0])  # no latents at all
+    batch = MyCollator(tok.pad_token_id, IDS.latent)(feats)
+    ids, mask, pos, labels = batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"]
+    columns = {row.tolist().index(IDS.latent) for row in ids[:4]}
+    assert len(columns) == 1  # every sample's first latent in one column
+    for row, f in enumerate(feats):
+        n = len(f["input_ids"])
+        real = mask[row].nonzero().flatten()
+        assert ids[row, real].tolist() == f["input_ids"]  # content unchanged, only padding added
+        assert pos[row, real].tolist() == list(range(n))  # positions restart at 0 after left padding
+        assert labels[row, real].tolist() == f["labels"]
+        assert (labels[row][mask[row] == 0] == -100).all()
+    assert ids[4].tolist()[: len(feats[4]["input_ids"])] == feats[4]["input_ids"]  # no latents: no left pad
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "not valid JSON"),
+        ('{"a": 1}', "expected a JSON list"),
+        ('[{"steps": [], "answer": "1"}]', "record 0: missing key 'question'"),
+        ('[{"question": "q", "steps": "s", "answer": "1"}]', "record 0: key 'steps'"),
+        ('[{"question": "q", "steps": [1], "answer": "1"}]', "record 0: key 'steps'"),
+        ('[{"question": " ", "steps": [], "answer": "1"}]', "record 0: key 'question'"),
+        ('[{"question": "q", "steps": [], "answer": 3}]', "record 0: key 'answer'"),
+        ('[{"question": "q", "steps": []}]', "record 0: missing key 'answer'"),
+        ('[{"question": "q", "steps": [], "answer": "1"}, 5]', "record 1: expected an object"),
+        ('[{"question": "q", "steps": [], "answer": "1", "image": 5}]', "record 0: key 'image'"),
+    ],
+)
+def test_bad_records_name_file_record_and_key(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        load_records(path)
+    assert str(path) in str(e.value)
