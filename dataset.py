@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ def tokenize_sample(
 
 def get_dataset(path: str | Path, tokenizer: Any, max_size: int | None = None) -> list[dict[str, Any]]:
     """Load and tokenize a text-only data file (the original get_dataset)."""
-    records = load_records(path)[:max_size]
+    return tokenize_records(load_records(path)[:max_size], tokenizer)
+
+
+def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
     return [tokenize_sample(r, i, tokenizer) for i, r in enumerate(records)]
 
 
@@ -219,6 +223,34 @@ def _pad_left(feature: dict[str, Any], n: int, pad_id: int, label_pad: int) -> d
 
 def _stack(features: list[dict[str, Any]], key: str, length: int, pad: int) -> torch.Tensor:
     return torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features], dtype=torch.long)
+
+
+def drop_overlong(
+    base_dataset: list[dict[str, Any]], config: Config, ids: LatentIds, max_length: int, source: str
+) -> list[dict[str, Any]]:
+    """Apply the over-length policy before training: `error` (default) or `drop` with a count.
+
+    A sample's length is its longest over every stage it can be trained at. Truncating instead
+    would cut through image tokens or the answer, so it is never done.
+    """
+    stages = range(1) if config.method in ("cot", "no_cot") else range(config.max_latent_stage + 2)
+    kept, dropped = [], []
+    for sample in base_dataset:
+        longest = max(len(cot_latent_sample(sample, k, config, ids)["input_ids"]) for k in stages)
+        if longest <= max_length:
+            kept.append(sample)
+        elif config.overlong == "error":
+            raise DataError(
+                f"{source}: record {sample['idx']}: {longest} tokens exceed max_length {max_length} "
+                "(set overlong: drop to skip such records, or raise max_length)"
+            )
+        else:
+            dropped.append(sample["idx"])
+    if dropped:
+        warnings.warn(f"{source}: dropped {len(dropped)} records longer than {max_length} tokens: {dropped[:10]}", stacklevel=2)
+    if not kept:
+        raise DataError(f"{source}: no records left after dropping those longer than {max_length} tokens")
+    return kept
 
 
 def check_tokenization(sample: dict[str, Any], record: dict[str, Any], tokenizer: Any) -> None:

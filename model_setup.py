@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageText
 
 from dataset import LatentIds
 from utils import Config
-
-log = logging.getLogger(__name__)
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 # The original initialises new token rows from "<<" (COCONUT issue #41: not from themselves).
@@ -78,7 +75,15 @@ def tokenizer_of(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def load_base_model(model_dir: str | Path, multimodal: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The HF model in fp32 master weights (mixed precision happens in the trainer)."""
+def load_base_model(model_dir: str | Path, multimodal: bool, trust_remote_code: bool = False) -> nn.Module:
+    """The HF model with fp32 master weights (mixed precision happens in the trainer).
+
+    trust_remote_code only matters for text-only models with custom code; InternVL is always
+    the native class (original-format checkpoints are converted, never executed).
+    """
     cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    return cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    try:
+        return cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                   trust_remote_code=trust_remote_code and not multimodal)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelSetupError(f"{model_dir}: cannot load the model: {e}") from None

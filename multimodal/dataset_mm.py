@@ -9,7 +9,6 @@ and tiling run in DataLoader workers, in MultimodalDataset.__getitem__.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -160,10 +159,16 @@ def get_mm_dataset(
     path: str | Path, tokenizer: Any, image_tokens: ImageTokens, config: Config, max_size: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[int, list[Visual]]]:
     """Tokenized base samples (as dataset.get_dataset) plus each sample's visuals, keyed by idx."""
+    return tokenize_mm_records(load_records(path)[:max_size], str(path), tokenizer, image_tokens, config)
+
+
+def tokenize_mm_records(
+    records: list[dict[str, Any]], source: str, tokenizer: Any, image_tokens: ImageTokens, config: Config
+) -> tuple[list[dict[str, Any]], dict[int, list[Visual]]]:
     builder = MediaBuilder(config, tokenizer, image_tokens)
     samples, media = [], {}
-    for idx, record in enumerate(load_records(path)[:max_size]):
-        where = f"{path}: record {idx}"
+    for idx, record in enumerate(records):
+        where = f"{source}: record {idx}"
         visuals = builder.visuals(record, where)
         samples.append(tokenize_sample(record, idx, tokenizer, builder.question(record, visuals)))
         media[idx] = visuals
@@ -196,7 +201,11 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
     def _pixels(self, visuals: list[Visual], where: str) -> list[torch.Tensor]:
         if visuals[0].frame is not None:
-            frames = _open_video(visuals[0].path, where).get_batch([v.frame for v in visuals]).asnumpy()
+            reader = _open_video(visuals[0].path, where)
+            try:
+                frames = reader.get_batch([v.frame for v in visuals]).asnumpy()
+            except Exception as e:  # the file changed since the data set was built (e.g. fewer frames)
+                raise DataError(f"{where}: unreadable video {visuals[0].path}: {e}") from None
             tensors = [self.frame_transform(Image.fromarray(np.ascontiguousarray(f))) for f in frames]
         else:
             tensors = []
@@ -210,8 +219,3 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 raise DataError(f"{where}: {v.path} gives {t.shape[0]} tiles, expected {v.n_tiles}")
         return tensors
 
-
-def check_media_root(config: Config) -> None:
-    """image_dir must be a directory (checked with the config, before models load)."""
-    if config.image_dir is not None and not os.path.isdir(config.image_dir):
-        raise DataError(f"image_dir is not a directory: {config.image_dir}")

@@ -1,0 +1,96 @@
+"""Process group set-up and FSDP2 sharding for the latent loop (DESIGN.md §3b)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process runs. world_size 1 without torchrun means no process group at all."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(timeout_s: int) -> DistInfo:
+    """Join the torchrun process group if there is one (nccl on GPU, gloo on CPU).
+
+    The bounded timeout makes a dead or diverged rank fail the others instead of hanging them.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistInfo(0, 1, 0, device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity without a process group); returns the same tensor."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+
+
+def shard(wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, dtype: torch.dtype | None) -> None:
+    """fully_shard each decoder layer and vision layer, then the Coconut wrapper as the root.
+
+    Decoder layers keep their parameters gathered between the n+1 latent passes of a step
+    (reshard_after_forward=False halves all-gathers); vision layers run once and reshard.
+    Gradients are reduced in fp32 under bf16/fp16 compute.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    for layer in decoder_layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
+    for layer in vision_layers or []:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(wrapper, mp_policy=policy)
+    register_fsdp_forward_method(wrapper, "generate")
