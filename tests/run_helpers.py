@@ -1,0 +1,36 @@
+"""Helpers for tests that drive the real CLI on the demo data with the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overrides) -> Path:
+    """args/demo.yaml with absolute paths, a private save_path and the given keys changed."""
+    config = yaml.safe_load((REPO / "args" / "demo.yaml").read_text())
+    config.update(
+        model_id=str(tiny_model_dir),
+        image_dir=str(REPO / "data" / "demo" / "images"),
+        train_path=str(REPO / "data" / "demo" / "train.json"),
+        val_path=str(REPO / "data" / "demo" / "val.json"),
+        save_path=str(tmp_path / "checkpoints"),
+        name=name,
+    )
+    config.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model" / "model.safetensors")

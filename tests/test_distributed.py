@@ -1,0 +1,47 @@
+"""2-process torchrun (FSDP2, gloo, CPU) against one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import run
+from tests.run_helpers import REPO, demo_config, metrics, weights
+
+# Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
+# receive only rounding noise, which Adam's normalisation turns into full-size random steps.
+ZERO_GRADIENT_SUFFIX = "k_proj.bias"
+
+
+def torchrun(config, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(REPO / "run.py"), str(config)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
+    keys = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=2, lr=1e-3)
+    one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
+    two = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=4, **keys)
+    assert run.main([str(one)]) == 0
+    result = torchrun(two, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a, b = metrics(tmp_path / "checkpoints" / "one"), metrics(tmp_path / "checkpoints" / "two")
+    assert [m["stage"] for m in b] == [0, 1]
+    for ma, mb in zip(a, b):  # losses agree to float rounding (tolerance 1e-5 relative)
+        for key in ("train_loss", "val_loss"):
+            assert abs(ma[key] - mb[key]) <= 1e-5 * abs(ma[key]), (key, ma, mb)
+        assert ma["total"] == mb["total"] == 16  # every validation record counted once
+    wa = weights(tmp_path / "checkpoints" / "one" / "checkpoint_2")
+    wb = weights(tmp_path / "checkpoints" / "two" / "checkpoint_2")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if not k.endswith(ZERO_GRADIENT_SUFFIX):
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
