@@ -15,11 +15,12 @@ from pathlib import Path
 from checkpoint import CheckpointError, model_dir_of
 from model_setup import load_base_model, load_processor
 
-# InternVL's own chat template (internvl2_5), so chat-style servers format prompts as in training.
+# InternVL's chat template (internvl2_5). An image part becomes the processor's image token
+# (<IMG_CONTEXT>), which InternVLProcessor expands into <img> + context tokens + </img>.
 INTERNVL2_5_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}IMAGE_TOKEN\n"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -37,7 +38,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = load_base_model(source, multimodal)
     processor = load_processor(source, multimodal)
     if multimodal:
-        processor.chat_template = INTERNVL2_5_CHAT_TEMPLATE
+        processor.chat_template = INTERNVL2_5_CHAT_TEMPLATE.replace("IMAGE_TOKEN", processor.image_token)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     try:
         model.save_pretrained(tmp)
