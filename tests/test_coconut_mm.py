@@ -15,11 +15,16 @@ from tests.latent_reference import reference_forward
 from tests.test_coconut_text import assert_close_grads, grads
 
 
-@pytest.fixture()
-def setup(tiny_model_dir):
+# CUDA is added where present (the GPU check runs this file there); CPU always runs.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def setup(tiny_model_dir, request):
     torch.manual_seed(0)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.to(request.param)
     ids = add_latent_tokens(processor.tokenizer, model)
     with torch.no_grad():  # sharpen attention so that a wrong position or order changes the result
         for name, p in model.named_parameters():
@@ -58,14 +63,14 @@ def mixed(tok, ids, image_tokens):
     ]
 
 
-def as_inputs(batch):
-    return {k: v for k, v in batch.items() if k != "idx"}
+def as_inputs(batch, device="cpu"):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "idx"}
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_forward_equals_reference(setup, checkpointing):
     model, coconut, ids, tok, image_tokens = setup
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)))
+    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
     ref_loss, _ = reference_forward(
         model, ids.latent, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"],
         batch["pixel_values"],
@@ -88,7 +93,7 @@ def test_forward_equals_reference(setup, checkpointing):
 
 def test_placeholder_mismatch_raises(setup):
     model, coconut, ids, tok, image_tokens = setup
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)))
+    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
     wrong = batch["num_patches_list"].clone()
     wrong[0], wrong[1] = wrong[1], wrong[0]  # same total tiles, assigned to the wrong samples
     with pytest.raises(ImageFeatureMismatch):
@@ -115,9 +120,22 @@ def test_batched_generation_equals_one_by_one(setup):
         prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False),
     ]
     collate = MultimodalCollator(tok.pad_token_id, ids.latent)
-    batched = coconut.generate(**as_inputs(collate(feats)), max_new_tokens=8)
+    batched = coconut.generate(**as_inputs(collate(feats), model.device), max_new_tokens=8)
     for i, f in enumerate(feats):
-        alone = coconut.generate(**as_inputs(collate([f])), max_new_tokens=8)
+        alone = coconut.generate(**as_inputs(collate([f]), model.device), max_new_tokens=8)
         n = alone.shape[1]
         assert batched[i, :n].tolist() == alone[0].tolist(), i
         assert (batched[i, n:] == tok.pad_token_id).all()
+
+
+def test_bf16_autocast_tracks_fp32(setup):
+    """Mixed precision (as one process trains with bf16: true) stays close to the exact fp32 loss."""
+    model, coconut, ids, tok, image_tokens = setup
+    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
+    exact = coconut(**batch).loss
+    with torch.autocast(model.device.type, dtype=torch.bfloat16):
+        mixed_loss = coconut(**batch).loss
+    mixed_loss.backward()
+    assert mixed_loss.dtype == torch.float32  # cross-entropy is computed on fp32 logits
+    assert abs(mixed_loss.item() - exact.item()) <= 0.02 * exact.item()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
