@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from dataset import LatentIds
-from utils import Config
+from utils import Config, ConfigError
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 # The original initialises new token rows from "<<" (COCONUT issue #41: not from themselves).
@@ -62,6 +63,23 @@ def freeze(model: nn.Module, config: Config) -> None:
             if not hasattr(getattr(model, "model", None), "vision_tower"):
                 raise ModelSetupError(f"{key}: only multimodal (InternVL) models have this part")
             part(model).requires_grad_(False)
+
+
+def check_image_size(model_dir: str | Path, image_size: int) -> None:
+    """Tiles must have the vision tower's own size, read from config.json before any weights load.
+
+    Equality, not "a multiple of the patch size": the processor's tokens per tile are fixed by that
+    size, and a larger tile gives more vision features than <IMG_CONTEXT> placeholders.
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        vision = json.loads(path.read_text()).get("vision_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # not an InternVL config: loading the model reports it
+    native, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.get("image_size"), vision.get("patch_size")))
+    if native is not None and image_size != native:
+        raise ConfigError(f"key 'image_size': {image_size} does not fit the model's vision tower "
+                          f"(image_size {native}, patch size {patch} in {path}); set image_size: {native}")
 
 
 def load_processor(model_dir: str | Path, multimodal: bool) -> Any:

@@ -29,7 +29,7 @@ from dataset import MyCollator, drop_overlong, get_cot_latent_dataset, get_quest
 from distributed import DistInfo, all_reduce_sum, barrier, init_distributed, mixed_precision_dtype, shard, shutdown
 from evaluation import generation_accuracy, to_device, validation_loss
 from latent_checkpoint import enable_latent_checkpointing
-from model_setup import add_latent_tokens, freeze, load_base_model, load_processor, tokenizer_of
+from model_setup import add_latent_tokens, check_image_size, freeze, load_base_model, load_processor, tokenizer_of
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
@@ -104,6 +104,8 @@ class Run:
     def _build_model(self) -> None:
         config, info = self.config, self.info
         model_dir = self._model_dir()
+        if config.multimodal:
+            check_image_size(model_dir, config.image_size)
         self.processor = load_processor(model_dir, config.multimodal)
         self.tokenizer = tokenizer_of(self.processor)
         if self.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers (the original did the same)
@@ -187,7 +189,7 @@ class Run:
         if optimizer is not None and not (config.reset_optimizer and new_stage):
             return optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.info.device.type == "cuda"
+        fused = self.info.device.type == "cuda" and not self.info.distributed  # fused kernels: plain tensors only
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
         resuming_here = self.resume_from is not None and epoch == self.state.epoch and not (config.reset_optimizer and new_stage)
         if resuming_here:
