@@ -1,0 +1,637 @@
+"""Step and decode benchmark of COCONUT-VL on the full-size InternVL3-1B architecture (random weights).
+
+`python -m bench.bench_step [--tiny] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8] [--tiles 5]
+[--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
+[--modes vision,sft,coconut,decode,naive,naive_decode] [--freeze-backbone] [--out results.jsonl]`
+
+Builds the model from its config in the target dtype (no download; --tiny loads the offline tiny
+checkpoint instead), collates a synthetic batch with the training collator and times each mode:
+
+- vision:       vision tower + projector, forward + backward.
+- sft:          plain fine-tuning step over the same tokens (latents replaced by ordinary tokens):
+                one forward, logits only at labelled positions, backward. The lower bound.
+- coconut:      coconut.Coconut forward + backward (vision once, KV-cached latent passes).
+- naive:        the seed's design: a full model forward (vision tower included) per latent pass
+                and for the loss, no cache.
+- decode:       batched Coconut.generate, eos unreachable so every run decodes --new-tokens.
+- naive_decode: batch-size-1 greedy decoding without a KV cache, every token a full forward.
+
+Writes one JSON line per measurement (plus a header and a summary line) to stdout and --out.
+
+FLOPs are counted by component (embedding lookups and norms left out):
+  vision  = m·P_vit·V·tiles + 2m·L_vit·V²·d_vit·tiles  (V = patches + CLS per tile; full attention;
+            m = 6 for forward + backward, 2 when --freeze-backbone leaves only the forward)
+  proj    = 6·P_proj·I·tiles                            (I = image tokens per tile)
+  lm      = 6·P_body·B·S + 6·L·S²·(heads·head_dim)·B    (B·S tokens; causal attention = half of 12)
+  head    = 6·P_head·n_labels                           (lm_head on labelled positions only)
+The sft count is the useful work of one step; coconut and naive rates use the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+from coconut import IGNORE_INDEX, Coconut
+from multimodal.collator_mm import MultimodalCollator
+from multimodal.dataset_mm import ImageTokens
+from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, ensure_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
+MODES = ("vision", "sft", "coconut", "decode", "naive", "naive_decode")
+STEP_MODES = ("vision", "sft", "coconut", "naive")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# InternVL3-1B (DESIGN.md §2): vocabulary and special-token ids of the real tokenizer.
+VOCAB = 151674
+PAD_ID, EOS_ID, IMG_START_ID, IMG_END_ID, IMG_CONTEXT_ID = 151643, 151645, 151665, 151666, 151667
+# Parameter counts of the real model (DESIGN.md §2, vocabulary 151674).
+DESIGN_PARAMS = {
+    "vision_tower": 304_012_288,
+    "projector": 4_482_816,
+    "lm_body": 357_898_112,
+    "lm_embed": 135_899_904,
+    "lm_head": 135_899_904,
+    "total": 938_193_024,
+}
+ROPE = {
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1_000_000.0},  # InternVL3-1B's
+    "default": {"rope_type": "default", "rope_theta": 1_000_000.0},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """Ids the synthetic batch uses; ordinary text ids are 0..n_text-1."""
+
+    n_text: int
+    pad: int
+    eos: int
+    image: ImageTokens
+    start_latent: int
+    latent: int
+    end_latent: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Per-sample token layout: image block, question, latent block, answer + eos."""
+
+    batch: int
+    tiles: int
+    image_tokens: int
+    question: int
+    latents: int
+    answer: int
+
+    @property
+    def first_latent(self) -> int:
+        return 1 + self.image_tokens + 1 + self.question + 1  # <img> ... </img> question <|start-latent|>
+
+    @property
+    def prompt(self) -> int:
+        """Tokens up to and including <|end-latent|>: what decoding starts from."""
+        return self.first_latent + self.latents + 1
+
+    @property
+    def seq(self) -> int:
+        return self.prompt + self.answer + 1
+
+
+@dataclasses.dataclass
+class Bench:
+    """Everything the modes share."""
+
+    args: argparse.Namespace
+    model: nn.Module
+    coconut: Coconut
+    ids: TokenIds
+    layout: Layout
+    batch: dict[str, torch.Tensor]
+    prompts: dict[str, torch.Tensor]
+    sft_ids: torch.Tensor
+    n_labels: int
+    flops: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+def internvl3_1b_config(rope: str) -> InternVLConfig:
+    """The native InternVLConfig of InternVL3-1B (InternViT-300M + Qwen2.5-0.5B shape, untied head)."""
+    vision = InternVLVisionConfig(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        image_size=448,
+        patch_size=14,
+        attention_bias=True,
+        use_qk_norm=False,
+        norm_type="layer_norm",
+        layer_scale_init_value=0.1,
+        use_mean_pooling=True,
+    )
+    text = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_parameters=dict(ROPE[rope]),
+        tie_word_embeddings=False,
+        bos_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMG_CONTEXT_ID,
+        image_seq_length=256,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters by component, named as in DESIGN.md §2."""
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    inner = model.model
+    counts = {
+        "vision_tower": count(inner.vision_tower),
+        "projector": count(inner.multi_modal_projector),
+        "lm_embed": count(inner.language_model.embed_tokens),
+        "lm_head": count(model.lm_head),
+    }
+    counts["lm_body"] = count(inner.language_model) - counts["lm_embed"]
+    counts["total"] = count(model)
+    return counts
+
+
+def build_model(args: argparse.Namespace) -> tuple[nn.Module, TokenIds, dict[str, Any]]:
+    """The model in the target dtype on the target device, with three latent tokens appended.
+
+    Returns the model, the token ids and the parameter counts (before and after the latent rows).
+    """
+    dtype = DTYPES[args.dtype]
+    if args.tiny:
+        model_dir = ensure_tiny_model(TINY_DIR)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model = model.to(args.device)
+        processor = AutoProcessor.from_pretrained(model_dir)
+        n_text, pad, eos = TINY_BPE_VOCAB_SIZE, processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id
+        image = ImageTokens.from_processor(processor)
+    else:
+        # Built in place in the target dtype: RoPE buffers stay fp32 (model.to(bf16) would cast them).
+        with torch.device(args.device):
+            model = AutoModelForImageTextToText.from_config(
+                internvl3_1b_config(args.rope), dtype=dtype, attn_implementation="sdpa"
+            )
+        n_text, pad, eos = QWEN25_SPECIAL_START_ID, PAD_ID, EOS_ID
+        image = ImageTokens(IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID, model.config.image_seq_length)
+    counts = param_counts(model)
+    if not args.tiny and counts != DESIGN_PARAMS:
+        raise RuntimeError(f"full-size parameter counts {counts} differ from DESIGN.md §2 {DESIGN_PARAMS}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab + 3, mean_resizing=False)  # start, latent, end (add_latent_tokens' order)
+    ids = TokenIds(n_text, pad, eos, image, vocab, vocab + 1, vocab + 2)
+    params = {**counts, "total_with_latents": param_counts(model)["total"]}
+    if args.freeze_backbone:
+        model.model.vision_tower.requires_grad_(False)
+    return model, ids, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic batch
+def _side(size: int | Sequence[int]) -> int:
+    return size[0] if isinstance(size, (list, tuple)) else size
+
+
+def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int) -> list[dict[str, Any]]:
+    """Random samples in the training layout; labels on the answer and eos only."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(0, ids.n_text, (n,), generator=gen).tolist()
+
+    features = []
+    for idx in range(layout.batch):
+        latents = [ids.start_latent] + [ids.latent] * layout.latents + [ids.end_latent]
+        prompt = ids.image.block(layout.tiles) + text(layout.question) + latents
+        answer = text(layout.answer) + [ids.eos]
+        input_ids = prompt + answer
+        features.append(
+            {
+                "input_ids": input_ids,
+                "labels": [IGNORE_INDEX] * len(prompt) + answer,
+                "attention_mask": [1] * len(input_ids),
+                "idx": idx,
+                "pixel_values": torch.randn(layout.tiles, 3, image_size, image_size, generator=gen),
+                "num_patches": layout.tiles,
+            }
+        )
+    return features
+
+
+def collate(features: list[dict[str, Any]], ids: TokenIds, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The training collator's batch (latent-aligned, tiles concatenated) on the device."""
+    batch = MultimodalCollator(ids.pad, ids.latent)(features)
+    del batch["idx"]
+    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
+
+
+def prompt_of(feature: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """A sample cut after <|end-latent|>, without labels: the decoding prompt."""
+    cut = ("input_ids", "attention_mask")
+    return {k: v[: layout.prompt] if k in cut else v for k, v in feature.items() if k != "labels"}
+
+
+def rows(batch: dict[str, torch.Tensor], start: int, stop: int, tiles: int) -> dict[str, torch.Tensor]:
+    """Samples start..stop-1 of a batch whose samples all have `tiles` tiles."""
+    return {
+        k: v[start * tiles : stop * tiles] if k == "pixel_values" else v[start:stop] for k, v in batch.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The computations measured
+def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Vision tower + projector: [tiles, tokens per tile, hidden]."""
+    return model.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+def label_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with the head applied only at labelled positions."""
+    shift = labels[:, 1:]
+    selected = shift != IGNORE_INDEX
+    return F.cross_entropy(head(hidden[:, :-1][selected]).float(), shift[selected])
+
+
+def sft_loss(model: nn.Module, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Plain fine-tuning loss: one forward of the language model with the images merged once."""
+    hidden = model.model(
+        input_ids=input_ids,
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).last_hidden_state
+    return label_loss(model.lm_head, hidden, batch["labels"])
+
+
+def full_forward(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+    """The seed's per-pass call: the whole model (vision tower included) on the whole sequence, no cache."""
+    return model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, pixel_values=pixel_values, use_cache=False,
+        **kwargs,
+    )
+
+
+def naive_fill(model: nn.Module, latent_id: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Input embeddings with latent i set to the last hidden state before it, one full forward per latent."""
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    is_latent = input_ids == latent_id
+    rank = is_latent.long().cumsum(1) * is_latent  # i at a sample's i-th latent, 0 elsewhere
+    for i in range(1, int(rank.max()) + 1):
+        out = full_forward(
+            model, embeds, batch["attention_mask"], batch["position_ids"], batch["pixel_values"],
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states[-1]
+        before = F.pad(hidden[:, :-1], (0, 0, 1, 0))  # position p holds the hidden state of p-1
+        embeds = torch.where((rank == i).unsqueeze(-1), before.to(embeds.dtype), embeds)
+    return embeds
+
+
+def naive_loss(model: nn.Module, latent_id: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """COCONUT's loss the seed's way: n+1 full forwards, vision re-run in each, full-vocabulary logits."""
+    embeds = naive_fill(model, latent_id, batch)
+    logits = full_forward(model, embeds, batch["attention_mask"], batch["position_ids"], batch["pixel_values"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+@torch.no_grad()
+def naive_generate(model: nn.Module, latent_id: int, prompt: dict[str, torch.Tensor], new_tokens: int) -> torch.Tensor:
+    """Greedy decoding without a KV cache: every token recomputes the whole prefix (the original's method)."""
+    embeds = naive_fill(model, latent_id, prompt)
+    mask, positions = prompt["attention_mask"], prompt["position_ids"]
+    tokens = []
+    for _ in range(new_tokens):
+        logits = full_forward(model, embeds, mask, positions, prompt["pixel_values"]).logits[:, -1]
+        token = logits.argmax(-1)
+        tokens.append(token)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+    return torch.stack(tokens, dim=1)
+
+
+def step_flops(model: nn.Module, layout: Layout, n_labels: int, frozen_vision: bool) -> dict[str, float]:
+    """FLOPs of one plain training step by component (formula in the module docstring)."""
+    vc, tc = model.config.vision_config, model.config.text_config
+    counts = param_counts(model)
+    patches = (_side(vc.image_size) // _side(vc.patch_size)) ** 2 + 1  # + CLS
+    tiles = layout.batch * layout.tiles
+    mult = 2 if frozen_vision else 6
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    tokens, seq = layout.batch * layout.seq, layout.seq
+    flops = {
+        "vision": mult * counts["vision_tower"] * patches * tiles
+        + 2 * mult * vc.num_hidden_layers * patches**2 * vc.hidden_size * tiles,
+        "projector": 6 * counts["projector"] * layout.image_tokens * layout.batch,
+        "lm": 6 * counts["lm_body"] * tokens
+        + 6 * tc.num_hidden_layers * seq**2 * tc.num_attention_heads * head_dim * layout.batch,
+        "head": 6 * counts["lm_head"] * n_labels,
+    }
+    flops["step"] = sum(flops.values())
+    return {k: float(v) for k, v in flops.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[dict[str, float], Any]:
+    """Median/min/max wall ms of fn over --iters after --warmup runs, and fn's last result."""
+    times = []
+    for i in range(args.warmup + args.iters):
+        _sync(args.device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(args.device)
+        if i >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
+            "ms_max": round(max(times), 3)}, result
+
+
+def rates(flops: float, ms: float, peak_tflops: float) -> dict[str, float]:
+    tflops = flops / ms / 1e9
+    return {"tflops": round(tflops, 3), "mfu": round(tflops / peak_tflops, 4)}
+
+
+def train_step(bench: Bench, loss_fn: Callable[[], torch.Tensor], flops: float) -> dict[str, Any]:
+    """Time zero_grad + loss + backward; the loss of the last run is reported."""
+
+    def step() -> torch.Tensor:
+        bench.model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    timing, loss = timed(step, bench.args)
+    return {**timing, "loss": float(loss), **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
+
+
+def decode_rates(
+    bench: Bench, generate: Callable[[int], torch.Tensor], samples: int
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Time generate(--new-tokens) and generate(1) (prefill: image, latents, first token)."""
+    n = bench.args.new_tokens
+    timing, tokens = timed(lambda: generate(n), bench.args)
+    if tokens.shape[1] != n:
+        raise RuntimeError(f"decoded {tokens.shape[1]} tokens instead of {n}")
+    prefill, _ = timed(lambda: generate(1), bench.args)
+    ms = timing["ms_median"]
+    line = {
+        **timing,
+        "prefill_ms": prefill["ms_median"],
+        "ms_per_token": round((ms - prefill["ms_median"]) / (n - 1), 3),
+        "samples": samples,
+        "new_tokens": n,
+        "samples_per_s": round(samples / ms * 1e3, 3),
+        "tokens_per_s": round(samples * n / ms * 1e3, 2),
+    }
+    return line, tokens
+
+
+def mode_vision(bench: Bench) -> dict[str, Any]:
+    pixel_values = bench.batch["pixel_values"]
+    line = train_step(
+        bench,
+        lambda: image_features(bench.model, pixel_values).float().square().mean(),
+        bench.flops["vision"] + bench.flops["projector"],
+    )
+    return {**line, "tiles": pixel_values.shape[0]}
+
+
+def mode_sft(bench: Bench) -> dict[str, Any]:
+    line = train_step(bench, lambda: sft_loss(bench.model, bench.sft_ids, bench.batch), bench.flops["step"])
+    return {**line, "tokens": bench.sft_ids.numel()}
+
+
+def mode_coconut(bench: Bench) -> dict[str, Any]:
+    line = train_step(bench, lambda: bench.coconut(**bench.batch).loss, bench.flops["step"])
+    return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
+
+
+def mode_naive(bench: Bench) -> dict[str, Any]:
+    line = train_step(bench, lambda: naive_loss(bench.model, bench.ids.latent, bench.batch), bench.flops["step"])
+    return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
+
+
+def mode_decode(bench: Bench) -> dict[str, Any]:
+    line, _ = decode_rates(
+        bench, lambda n: bench.coconut.generate(**bench.prompts, max_new_tokens=n), bench.layout.batch
+    )
+    return line
+
+
+def mode_naive_decode(bench: Bench) -> dict[str, Any]:
+    """A few samples one at a time; match_vs_decode compares with batched Coconut.generate's tokens."""
+    k = min(bench.args.naive_decode_samples, bench.layout.batch)
+    tiles = bench.layout.tiles
+    singles = [rows(bench.prompts, b, b + 1, tiles) for b in range(k)]
+
+    def generate(n: int) -> torch.Tensor:
+        return torch.cat([naive_generate(bench.model, bench.ids.latent, s, n) for s in singles])
+
+    line, tokens = decode_rates(bench, generate, k)
+    reference = bench.coconut.generate(**rows(bench.prompts, 0, k, tiles), max_new_tokens=bench.args.new_tokens)
+    return {**line, "match_vs_decode": round(float((tokens == reference).float().mean()), 4)}
+
+
+MODE_FUNCTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "vision": mode_vision,
+    "sft": mode_sft,
+    "coconut": mode_coconut,
+    "decode": mode_decode,
+    "naive": mode_naive,
+    "naive_decode": mode_naive_decode,
+}
+
+
+def run_mode(bench: Bench, mode: str) -> dict[str, Any]:
+    """One measurement line; out-of-memory becomes {"error": "OOM"} and the memory is released."""
+    cuda = bench.args.device.startswith("cuda")
+    bench.model.train(mode in STEP_MODES)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        line = {"mode": mode, **MODE_FUNCTIONS[mode](bench)}
+    except torch.OutOfMemoryError as err:
+        line = {"mode": mode, "error": "OOM", "msg": str(err)[:300]}
+    bench.model.zero_grad(set_to_none=True)
+    gc.collect()
+    line["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
+    return line
+
+
+def summary(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios between the modes of this run (only those that ran without error)."""
+    ok = {mode: line for mode, line in lines.items() if "error" not in line}
+    out: dict[str, Any] = {"mode": "summary"}
+    for slow, base, key, name in (
+        ("coconut", "sft", "ms_median", "ms"),
+        ("naive", "sft", "ms_median", "ms"),
+        ("naive_decode", "decode", "ms_per_token", "ms_per_token"),
+    ):
+        if slow in ok and base in ok:
+            out[f"{slow}_over_{base}_{name}"] = round(ok[slow][key] / ok[base][key], 3)
+            if ok[slow]["peak_mem_gib"] is not None and ok[base]["peak_mem_gib"]:
+                out[f"{slow}_over_{base}_peak_mem"] = round(ok[slow]["peak_mem_gib"] / ok[base]["peak_mem_gib"], 3)
+    return out
+
+
+def header(bench: Bench, argv: Sequence[str], params: dict[str, Any]) -> dict[str, Any]:
+    args, model = bench.args, bench.model
+    cuda = args.device.startswith("cuda")
+    cfg = model.config
+    return {
+        "mode": "header",
+        "device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else f"cpu {platform.machine()}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "command": " ".join(["python -m bench.bench_step", *argv]),
+        "tiny": args.tiny,
+        "attn": [c._attn_implementation for c in (cfg, cfg.vision_config, cfg.text_config)],
+        "rope": cfg.text_config.rope_parameters,
+        "freeze_backbone": args.freeze_backbone,
+        "peak_tflops": args.peak_tflops,
+        "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3),
+        "params": params,
+        "params_match_design": None if args.tiny else True,  # build_model raises on a mismatch
+        "layout": {
+            **dataclasses.asdict(bench.layout),
+            "first_latent": bench.layout.first_latent,
+            "prompt": bench.layout.prompt,
+            "seq": bench.layout.seq,
+            "label_tokens": bench.n_labels,
+        },
+        "flops": bench.flops,
+    }
+
+
+def emit(line: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(line)
+    print(text, flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(text + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    def modes(value: str) -> list[str]:
+        names = [m.strip() for m in value.split(",") if m.strip()]
+        unknown = sorted(set(names) - set(MODES))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"modes must be a comma list of {','.join(MODES)}; got {value!r}")
+        return names
+
+    def at_least(low: int) -> Callable[[str], int]:
+        def parse(value: str) -> int:
+            if int(value) < low:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            return int(value)
+
+        return parse
+
+    p = argparse.ArgumentParser(prog="python -m bench.bench_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="offline tiny InternVL instead of the full-size architecture")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--batch", type=at_least(1), default=8)
+    p.add_argument("--tiles", type=at_least(1), default=5, help="448px tiles per sample (256 image tokens each)")
+    p.add_argument("--question", type=at_least(0), default=64, help="question tokens after the image")
+    p.add_argument("--latents", type=at_least(0), default=6)
+    p.add_argument("--answer", type=at_least(0), default=64, help="answer tokens before eos")
+    p.add_argument("--iters", type=at_least(1), default=5)
+    p.add_argument("--warmup", type=at_least(0), default=2)
+    p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens every decode run generates")
+    p.add_argument("--naive-decode-samples", type=at_least(1), default=2)
+    p.add_argument("--modes", type=modes, default=list(MODES))
+    p.add_argument("--freeze-backbone", action="store_true", help="vision tower requires_grad False")
+    p.add_argument("--rope", choices=sorted(ROPE), default="dynamic", help="dynamic = InternVL3-1B's own")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 SXM bf16: 989)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="append the JSON lines here too")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; returns the emitted lines (header, one per mode, summary)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, ids, params = build_model(args)
+    # eos_token_id -1 is unreachable: every decode run generates exactly --new-tokens tokens.
+    coconut = Coconut(model, ids.latent, ids.start_latent, ids.end_latent, eos_token_id=-1, pad_token_id=ids.pad)
+    layout = Layout(args.batch, args.tiles, ids.image.per_tile * args.tiles, args.question, args.latents, args.answer)
+    features = make_features(layout, ids, _side(model.config.vision_config.image_size), args.seed)
+    dtype = DTYPES[args.dtype]
+    batch = collate(features, ids, args.device, dtype)
+    prompts = collate([prompt_of(f, layout) for f in features], ids, args.device, dtype)
+    filler = torch.randint(0, ids.n_text, batch["input_ids"].shape, generator=torch.Generator().manual_seed(args.seed))
+    sft_ids = torch.where(batch["input_ids"] == ids.latent, filler.to(args.device), batch["input_ids"])
+    n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    flops = step_flops(model, layout, n_labels, args.freeze_backbone)
+    bench = Bench(args, model, coconut, ids, layout, batch, prompts, sft_ids, n_labels, flops)
+    lines = [header(bench, argv, params)]
+    emit(lines[0], args.out)
+    results = {}
+    for mode in args.modes:
+        results[mode] = run_mode(bench, mode)
+        lines.append(results[mode])
+        emit(results[mode], args.out)
+    lines.append(summary(results))
+    emit(lines[-1], args.out)
+    return lines
+
+
+if __name__ == "__main__":
+    main()

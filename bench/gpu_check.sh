@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One-shot check on one H100/H200 (no network; torch + transformers preinstalled), run from the repo root:
+#   OUT=/some/dir bash bench/gpu_check.sh
+# 1. benchmark at the default workload (batch 8, 5 tiles, bf16): vision, sft, coconut, decode;
+# 2. batch 2: sft, coconut, naive (vision re-run every pass), naive_decode — naive at batch 8 would not
+#    fit; if naive does not complete at batch 2 (an H100 has ~78 GiB), again at batch 1;
+# 3. the latent-loop equality tests (on CPU and, where present, CUDA tensors) and the demo in bf16 on the GPU;
+# 4. batch 8 with --freeze-backbone: sft, coconut.
+# Every step runs under `timeout`, clamped so that the whole script ends within 7 minutes.
+# All output goes to $OUT/gpu_log.txt, the JSON lines to $OUT/bench.jsonl. Exit status 1 if a step failed.
+# TINY=1 runs the same steps on the tiny model on CPU (a dry run of this script's logic).
+set -u -o pipefail
+
+: "${OUT:?set OUT to an output directory}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_log.txt"
+JSONL="$OUT/bench.jsonl"
+PYTHON="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+DEADLINE=$((SECONDS + 400))  # 7 minutes less a margin for start-up and the last step's teardown
+FAILED=0
+
+if [[ "${TINY:-0}" == 1 ]]; then
+  BENCH=(--tiny --device cpu --dtype fp32 --iters 1 --warmup 0 --tiles 1 --question 8 --latents 2 --answer 8
+         --new-tokens 4)
+else
+  BENCH=(--device cuda --dtype bf16)
+fi
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# step LIMIT_S COMMAND...: run under timeout (clamped to the deadline), output tee'd to the log.
+step() {
+  local limit=$1 left=$((DEADLINE - SECONDS))
+  shift
+  if ((left < 20)); then
+    log "=== SKIPPED (deadline): $*"
+    FAILED=1
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  log "=== $(date -u +%H:%M:%S) [timeout ${limit}s] $*"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  log "=== exit $rc after ${SECONDS}s"
+  ((rc == 0)) || FAILED=1
+  return "$rc"
+}
+
+bench() { step "$1" "$PYTHON" -m bench.bench_step "${BENCH[@]}" "${@:2}" --out "$JSONL"; }
+
+log "=== gpu_check $(date -u +%FT%TZ) TINY=${TINY:-0} commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+fi
+"$PYTHON" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+
+bench 150 --batch 8 --modes vision,sft,coconut,decode
+bench 120 --batch 2 --modes sft,coconut,naive,naive_decode
+if ! grep -q '"mode": "naive", "ms_median"' "$JSONL" 2>/dev/null; then
+  log "=== naive did not complete at batch 2: batch 1"
+  bench 90 --batch 1 --modes sft,coconut,naive
+fi
+step 120 "$PYTHON" -m pytest -q tests/test_coconut_text.py tests/test_coconut_mm.py
+# the training CLI on the GPU in bf16 (autocast, fused AdamW): the demo, two epochs
+sed -e 's/^num_epochs: .*/num_epochs: 2/' -e "s#^save_path: .*#save_path: /tmp/gpu_check_ckpt#" args/demo.yaml > /tmp/demo_gpu.yaml
+echo "bf16: true" >> /tmp/demo_gpu.yaml
+step 90 "$PYTHON" run.py /tmp/demo_gpu.yaml
+bench 90 --batch 8 --freeze-backbone --modes sft,coconut
+
+log "=== done in ${SECONDS}s, failed=$FAILED"
+exit "$FAILED"

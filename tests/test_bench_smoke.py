@@ -1,0 +1,69 @@
+"""Smoke run of bench.bench_step on the tiny model: every mode reports, and it measures the right computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.bench_step import MODES, main
+
+SMALL = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--batch", "2",
+         "--tiles", "1", "--question", "8", "--latents", "2", "--answer", "8", "--new-tokens", "4"]
+TIMING = {"ms_median", "ms_min", "ms_max", "peak_mem_gib"}
+STEP = TIMING | {"loss", "tflops", "mfu"}
+DECODE = TIMING | {"prefill_ms", "ms_per_token", "samples", "new_tokens", "samples_per_s", "tokens_per_s"}
+EXPECTED_KEYS = {
+    "vision": STEP | {"tiles"},
+    "sft": STEP | {"tokens"},
+    "coconut": STEP | {"tokens", "passes"},
+    "naive": STEP | {"tokens", "passes"},
+    "decode": DECODE,
+    "naive_decode": DECODE | {"match_vs_decode"},
+}
+
+
+def read_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_model_dir) -> list[dict]:
+    out = tmp_path_factory.mktemp("bench") / "results.jsonl"
+    returned = main([*SMALL, "--out", str(out)])
+    written = read_lines(out)
+    assert written == returned
+    return written
+
+
+def test_every_mode_writes_a_line(smoke):
+    header, *measured, summary = smoke
+    assert header["mode"] == "header" and summary["mode"] == "summary"
+    assert {"device", "torch", "transformers", "dtype", "command", "params", "layout", "flops"} <= header.keys()
+    assert header["layout"]["seq"] == 4 + 2 + 8 + 1 + 2 + 1 + 8 + 1  # 1 tile = 4 image tokens in the tiny model
+    assert [line["mode"] for line in measured] == list(MODES)
+    for line in measured:
+        assert "error" not in line, line
+        assert EXPECTED_KEYS[line["mode"]] <= line.keys(), line
+        assert line["peak_mem_gib"] is None  # CPU: no per-mode peak
+        numbers = [v for k, v in line.items() if k not in ("mode", "peak_mem_gib")]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), line
+    assert {"coconut_over_sft_ms", "naive_over_sft_ms", "naive_decode_over_decode_ms_per_token"} <= summary.keys()
+
+
+def test_coconut_computes_what_the_naive_design_computes(smoke):
+    lines = {line["mode"]: line for line in smoke}
+    assert lines["coconut"]["loss"] == pytest.approx(lines["naive"]["loss"], rel=1e-4)
+    assert lines["sft"]["loss"] != pytest.approx(lines["coconut"]["loss"], rel=1e-4)  # latents do matter
+    assert lines["naive_decode"]["match_vs_decode"] == 1.0
+
+
+def test_freeze_backbone_counts_vision_forward_only(smoke, tmp_path):
+    out = tmp_path / "frozen.jsonl"
+    frozen = main([*SMALL, "--freeze-backbone", "--modes", "sft,coconut", "--out", str(out)])
+    full_flops, frozen_flops = smoke[0]["flops"], frozen[0]["flops"]
+    assert frozen_flops["vision"] == pytest.approx(full_flops["vision"] / 3)
+    coconut = {line["mode"]: line for line in smoke}["coconut"]
+    frozen_coconut = {line["mode"]: line for line in frozen}["coconut"]
+    assert frozen_coconut["loss"] == pytest.approx(coconut["loss"], rel=1e-6)  # same batch, same weights
