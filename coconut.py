@@ -46,21 +46,6 @@ class Outputs:
     token_norm: torch.Tensor | None = None
 
 
-# Decoders whose forward is exactly: rotary embeddings, mask, layers, final norm. For these the
-# latent passes call the layers directly with a mask and rotary table built once per step
-# (the decoder's own forward rebuilds both on every pass, which dominates a 1-token pass).
-_LEAN_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
-
-
-@dataclasses.dataclass
-class _Prepared:
-    """Per-step tables for the lean path: boolean [B, 1, L, L] mask and rotary (cos, sin) [B, L, D]."""
-
-    mask: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-
 class CausalLMAdapter:
     """Text-only HF causal LM: embeddings, decoder with a cache, output head."""
 
@@ -68,12 +53,6 @@ class CausalLMAdapter:
         self.model = model
         self.decoder = model.get_decoder()
         self.cache_kw = cache_keyword(self.decoder.forward)
-        config = self.decoder.config
-        self.lean = (
-            config.model_type in _LEAN_MODEL_TYPES
-            and config._attn_implementation == "sdpa"
-            and all(t == "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"])
-        )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -89,43 +68,10 @@ class CausalLMAdapter:
             raise ValueError("this model takes no images (pixel_values given to a text-only model)")
         return self.embed_tokens(input_ids)
 
-    def prepare(self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> _Prepared | None:
-        """Mask and rotary tables for a whole sequence, once per step (None: use the decoder's forward)."""
-        if not self.lean:
-            return None
-        length = attention_mask.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        # a left-padding row sees only padding: let it see itself so no row is all-masked (NaN in
-        # sdpa); real rows are unchanged and no real token attends to padding
-        mask |= torch.eye(length, dtype=torch.bool, device=embeds.device)[None, None]
-        cos, sin = self.decoder.rotary_emb(embeds, position_ids)
-        return _Prepared(mask, cos, sin)
-
     def decode(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: DynamicCache,
-        prepared: _Prepared | None = None,
-        start: int = 0,
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        """Run the decoder on new positions [start, start + T); returns their post-norm last hidden states."""
-        if prepared is not None:
-            end = start + inputs_embeds.shape[1]
-            rows = slice(start, end)
-            kwargs = {
-                "attention_mask": prepared.mask[:, :, rows, :end],
-                "position_ids": position_ids,
-                "position_embeddings": (prepared.cos[:, rows], prepared.sin[:, rows]),
-                "use_cache": True,
-                self.cache_kw: cache,
-            }
-            hidden = inputs_embeds
-            for layer in self.decoder.layers:
-                hidden = layer(hidden, **kwargs)
-            return self.decoder.norm(hidden)
+        """Run the decoder on new positions; returns their post-norm last hidden states."""
         out = self.decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -294,7 +240,6 @@ class Coconut(nn.Module):
         cache = DynamicCache()
         hiddens: list[torch.Tensor] = []
         length = embeds.shape[1]
-        prepared = self.adapter.prepare(embeds, attention_mask, position_ids)
         start = 0
         for p in range(layout.n_passes + 1):
             end = length if p == layout.n_passes else layout.column + p
@@ -304,7 +249,7 @@ class Coconut(nn.Module):
                 first = torch.where(fill, hiddens[-1][:, -1:], chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
             hiddens.append(
-                self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache, prepared, start)
+                self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
             )
             start = end
         self.gen_forward_cnt += layout.n_passes + 1

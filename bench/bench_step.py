@@ -54,8 +54,8 @@ from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
-MODES = ("vision", "sft", "coconut", "coconut_hf", "decode", "naive", "naive_decode")
-STEP_MODES = ("vision", "sft", "coconut", "coconut_hf", "naive")
+MODES = ("vision", "sft", "coconut", "decode", "naive", "naive_decode")
+STEP_MODES = ("vision", "sft", "coconut", "naive")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # InternVL3-1B (DESIGN.md §2): vocabulary and special-token ids of the real tokenizer.
@@ -455,16 +455,6 @@ def mode_coconut(bench: Bench) -> dict[str, Any]:
     return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
 
 
-def mode_coconut_hf(bench: Bench) -> dict[str, Any]:
-    """The same Coconut step with every pass through the decoder's own forward (lean path off)."""
-    lean = bench.coconut.adapter.lean
-    bench.coconut.adapter.lean = False
-    try:
-        return mode_coconut(bench)
-    finally:
-        bench.coconut.adapter.lean = lean
-
-
 def mode_naive(bench: Bench) -> dict[str, Any]:
     line = train_step(bench, lambda: naive_loss(bench.model, bench.ids.latent, bench.batch), bench.flops["step"])
     return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
@@ -495,7 +485,6 @@ MODE_FUNCTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "vision": mode_vision,
     "sft": mode_sft,
     "coconut": mode_coconut,
-    "coconut_hf": mode_coconut_hf,
     "decode": mode_decode,
     "naive": mode_naive,
     "naive_decode": mode_naive_decode,
@@ -526,7 +515,6 @@ def summary(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"mode": "summary"}
     for slow, base, key, name in (
         ("coconut", "sft", "ms_median", "ms"),
-        ("coconut_hf", "sft", "ms_median", "ms"),
         ("naive", "sft", "ms_median", "ms"),
         ("naive_decode", "decode", "ms_per_token", "ms_per_token"),
     ):
