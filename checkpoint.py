@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,17 @@ def read_optimizer_state(checkpoint: Path) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: unreadable optimizer state: {e}") from None
+        raise CheckpointError(f"{path}: unreadable optimizer state: {_reason(e)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """One line. torch.load's weights_only refusal is a page of advice (including turning the
+    protection off); keep what it refused."""
+    text = str(error).strip()
+    refused = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\.\s|\n|$)", text)
+    if refused:
+        return f"weights_only=True refused it: {refused.group(1)}"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -156,9 +167,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint: {e}") from None
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint: {_reason(e)}") from None
     except Exception as e:  # weights_only refuses pickled code with UnpicklingError
-        raise CheckpointError(f"{path}: refused or unreadable checkpoint: {e}") from None
+        raise CheckpointError(f"{path}: refused or corrupt checkpoint (only tensors are loaded): {_reason(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
     return state

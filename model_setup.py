@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -76,7 +77,8 @@ def check_image_size(model_dir: str | Path, image_size: int) -> None:
         vision = json.loads(path.read_text()).get("vision_config") or {}
     except (OSError, ValueError, AttributeError):
         return  # not an InternVL config: loading the model reports it
-    native, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.get("image_size"), vision.get("patch_size")))
+    native, patch = (v[0] if isinstance(v, (list, tuple)) else v
+                     for v in (vision.get("image_size"), vision.get("patch_size")))
     if native is not None and image_size != native:
         raise ConfigError(f"key 'image_size': {image_size} does not fit the model's vision tower "
                           f"(image_size {native}, patch size {patch} in {path}); set image_size: {native}")
@@ -103,5 +105,5 @@ def load_base_model(model_dir: str | Path, multimodal: bool, trust_remote_code: 
     try:
         return cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
                                    trust_remote_code=trust_remote_code and not multimodal)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ModelSetupError(f"{model_dir}: cannot load the model: {e}") from None

@@ -42,9 +42,19 @@ def main(argv: list[str] | None = None) -> int:
 
         run(config)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """The error's own message. A DataLoader worker's error is re-raised in the main process with
+    the worker's traceback as its message ("Caught ... Original Traceback ..."); the original
+    message is that traceback's last line, after the exception's name."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def maybe_build_demo_model(config: Config) -> None:

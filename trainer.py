@@ -225,33 +225,33 @@ class Run:
         steps_per_epoch = math.ceil(len(loader) / accum)
         total_steps = steps_per_epoch * config.num_epochs
         self.model.train()
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
-                   disable=not info.is_main, dynamic_ncols=True)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
         window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
-        for i, batch in enumerate(loader):
-            batch = to_device(batch, info.device)
-            n_labels = (batch["labels"][:, 1:] != -100).sum().double()
-            n_global = all_reduce_sum(n_labels.clone())
-            last_micro = (i + 1) % accum == 0 or i + 1 == len(loader)
-            if info.distributed:
-                self.model.set_requires_gradient_sync(last_micro)
-            with self.autocast():
-                # summed CE ÷ (global label count ÷ world): FSDP's gradient average then equals the
-                # gradient of the global token mean, whatever each rank's token count
-                out = self.model(**batch, num_items_in_batch=n_global / info.world_size)
-            self.scaler.scale(out.loss / accum).backward()
-            step_loss = out.loss.detach().double() * n_global / info.world_size
-            loss_sum += torch.stack([step_loss, n_labels])
-            window_tokens += int(batch["attention_mask"].sum())
-            window_samples += batch["input_ids"].shape[0]
-            if last_micro:
-                lr = self._optimizer_step(optimizer, total_steps)
-                if self.state.step % config.log_every == 0:
-                    self._log_step(out, step_loss, n_global, lr, epoch, window_start, window_tokens, window_samples, bar)
-                    window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
-            bar.update(1)
-        bar.close()
+        # closed also when an error unwinds, so that its message starts on a line of its own
+        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
+                  disable=not info.is_main, dynamic_ncols=True) as bar:
+            for i, batch in enumerate(loader):
+                batch = to_device(batch, info.device)
+                n_labels = (batch["labels"][:, 1:] != -100).sum().double()
+                n_global = all_reduce_sum(n_labels.clone())
+                last_micro = (i + 1) % accum == 0 or i + 1 == len(loader)
+                if info.distributed:
+                    self.model.set_requires_gradient_sync(last_micro)
+                with self.autocast():
+                    # summed CE ÷ (global label count ÷ world): FSDP's gradient average then equals the
+                    # gradient of the global token mean, whatever each rank's token count
+                    out = self.model(**batch, num_items_in_batch=n_global / info.world_size)
+                self.scaler.scale(out.loss / accum).backward()
+                step_loss = out.loss.detach().double() * n_global / info.world_size
+                loss_sum += torch.stack([step_loss, n_labels])
+                window_tokens += int(batch["attention_mask"].sum())
+                window_samples += batch["input_ids"].shape[0]
+                if last_micro:
+                    lr = self._optimizer_step(optimizer, total_steps)
+                    if self.state.step % config.log_every == 0:
+                        self._log_step(out, step_loss, n_global, lr, epoch, window_start, window_tokens, window_samples, bar)
+                        window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+                bar.update(1)
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
