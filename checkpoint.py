@@ -147,8 +147,11 @@ def is_model_dir(path: str | Path) -> bool:
 
 
 def model_dir_of(path: str | Path) -> Path | None:
-    """The HF model directory inside a checkpoint, or the path itself if it is one."""
+    """The HF model directory inside a checkpoint, the path itself if it is one, or the directory
+    of a weights file inside one (its keys are in the saved layout, which from_pretrained maps)."""
     path = Path(path)
+    if path.is_file():
+        path = path.parent
     if is_model_dir(path / MODEL_DIR):
         return path / MODEL_DIR
     if is_model_dir(path):

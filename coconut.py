@@ -131,6 +131,11 @@ class InternVLAdapter(CausalLMAdapter):
                 f"num_patches_list sums to {int(num_patches_list.sum())} tiles but pixel_values has {pixel_values.shape[0]}"
             )
         features = self._image_features(pixel_values)
+        if features.shape[1] != self.tokens_per_tile:
+            raise ImageFeatureMismatch(
+                f"the vision tower gives {features.shape[1]} features per tile, the prompt has "
+                f"{self.tokens_per_tile} <IMG_CONTEXT> per tile: pixel_values are not image_size tiles"
+            )
         _check_placeholders(placeholders, num_patches_list.to(input_ids.device) * self.tokens_per_tile)
         # masked_scatter fills positions in row-major order: sample 0's placeholders first, which is
         # the order in which the collator concatenated the tiles.

@@ -73,13 +73,24 @@ def image_size_after_exif(path: Path, where: str) -> tuple[int, int]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
-                if img.getexif().get(_EXIF_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS:
+                if _orientation(img) in _TRANSPOSED_ORIENTATIONS:
                     width, height = height, width
     except FileNotFoundError:
         raise DataError(f"{where}: image not found: {path}") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(f"{where}: unreadable image {path}: {e}") from None
     return width, height
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation from the header. PNG's getexif() decodes the whole image to look for a
+    late eXIf chunk, so for PNG only a chunk before the pixel data (img.info) is read."""
+    if img.format == "PNG":
+        exif = Image.Exif()
+        if "exif" in img.info:
+            exif.load(img.info["exif"])
+        return exif.get(_EXIF_ORIENTATION, 1)
+    return img.getexif().get(_EXIF_ORIENTATION, 1)
 
 
 def _video_frames(path: Path, num_frames: int, where: str) -> tuple[list[int], tuple[int, int]]:

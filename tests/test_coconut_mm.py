@@ -100,6 +100,9 @@ def test_placeholder_mismatch_raises(setup):
         coconut(**{**batch, "num_patches_list": wrong})
     with pytest.raises(ImageFeatureMismatch):
         coconut(**{**batch, "pixel_values": batch["pixel_values"][:-1]})
+    big = torch.nn.functional.interpolate(batch["pixel_values"], scale_factor=2)  # tiles of 112 px, not 56
+    with pytest.raises(ImageFeatureMismatch, match="features per tile"):
+        coconut(**{**batch, "pixel_values": big})
 
 
 def prompt(tok, ids, image_tokens, n_tiles, n_latent, question, markers=True):

@@ -136,11 +136,12 @@ def test_paths_cannot_escape_image_dir(tmp_path, processor, rel):
         assert samples[0]["question_tokenized"].count(tokens.context) == tokens.per_tile
 
 
-def test_exif_rotation_changes_tile_count_consistently(tmp_path, processor):
-    path, image_dir = write_data(tmp_path, [{"question": "q", "steps": [], "answer": "a", "image": "train/rot.jpg"}], {})
+@pytest.mark.parametrize("name", ["rot.jpg", "rot.png"])
+def test_exif_rotation_changes_tile_count_consistently(tmp_path, processor, name):
+    path, image_dir = write_data(tmp_path, [{"question": "q", "steps": [], "answer": "a", "image": f"train/{name}"}], {})
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90°: a 300x100 file is seen as 100x300
-    Image.new("RGB", (300, 100)).save(image_dir / "train" / "rot.jpg", exif=exif)
+    Image.new("RGB", (300, 100)).save(image_dir / "train" / name, exif=exif)
     config = cfg(image_dir)
     samples, media = get_mm_dataset(path, processor.tokenizer, ImageTokens.from_processor(processor), config)
     assert media[0][0].n_tiles == 4  # 1x3 grid + thumbnail

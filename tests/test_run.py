@@ -64,7 +64,9 @@ def test_cot_checkpoint_initialises_coconut(tmp_path, tiny_model_dir):
     assert run.main([str(cot)]) == 0
     cot_ckpt = tmp_path / "checkpoints" / "cot" / "checkpoint_1"
     # lr 0: the Coconut run's weights after one epoch must be exactly the CoT checkpoint's
-    for name, path in (("from_dir", cot_ckpt), ("from_file", tmp_path / "cot_state.pt")):
+    cases = (("from_dir", cot_ckpt), ("from_file", tmp_path / "cot_state.pt"),
+             ("from_weights_file", cot_ckpt / "model" / "model.safetensors"))  # the file inside a checkpoint
+    for name, path in cases:
         if name == "from_file":  # a plain state dict as the original COCONUT saves it: wrapper prefix, torch.save
             model = AutoModelForImageTextToText.from_pretrained(cot_ckpt / "model")
             torch.save({f"base_causallm.{k}": v for k, v in model.state_dict().items()}, path)
