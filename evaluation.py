@@ -89,24 +89,24 @@ def generation_accuracy(
     loader, counted = sharded_loader(dataset, batch_size, collate, info, num_workers)
     counts = torch.zeros(3, dtype=torch.long, device=info.device)  # correct, cot match, total
     examples: list[dict[str, str]] = []
-    bar = tqdm(total=len(counted), desc="generate", disable=not info.is_main, dynamic_ncols=True, leave=False)
-    for batch, count in zip(loader, counted):
-        ids = batch["idx"].tolist()
-        with autocast():
-            tokens = model.generate(**to_device(batch, info.device), max_new_tokens=max_new_tokens, synced_gpus=info.distributed)
-        bar.update(1)
-        if not count:
-            continue
-        for idx, text in zip(ids, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
-            record = records[idx]
-            answer = record["answer"].replace(",", "").strip()
-            predicted = extract_answer(text)
-            counts[0] += int(predicted == answer)
-            counts[1] += int(extract_cot(text) == "\n".join(record["steps"]).strip())
-            counts[2] += 1
-            if len(examples) < n_examples:
-                examples.append({"question": record["question"], "answer": answer, "output": text, "extracted": predicted})
-    bar.close()
+    with tqdm(total=len(counted), desc="generate", disable=not info.is_main, dynamic_ncols=True, leave=False) as bar:
+        for batch, count in zip(loader, counted):
+            ids = batch["idx"].tolist()
+            with autocast():
+                tokens = model.generate(**to_device(batch, info.device), max_new_tokens=max_new_tokens,
+                                        synced_gpus=info.distributed)
+            bar.update(1)
+            if not count:
+                continue
+            for idx, text in zip(ids, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
+                record = records[idx]
+                answer = record["answer"].replace(",", "").strip()
+                predicted = extract_answer(text)
+                counts[0] += int(predicted == answer)
+                counts[1] += int(extract_cot(text) == "\n".join(record["steps"]).strip())
+                counts[2] += 1
+                if len(examples) < n_examples:
+                    examples.append({"question": record["question"], "answer": answer, "output": text, "extracted": predicted})
     all_reduce_sum(counts)
     correct, cot, total = counts.tolist()
     return GenerationResult(correct / max(total, 1), cot / max(total, 1), correct, total, examples)
