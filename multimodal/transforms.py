@@ -1,32 +1,23 @@
 """Image loading and InternVL dynamic tiling.
 
-Tiling reproduces ``dynamic_preprocess`` + ``build_transform`` from the InternVL3 model card
-(DESIGN.md section 2), because the vision tower was trained on exactly those tiles.
-
-Why this is implemented here instead of using transformers' GotOcr2 image processor
-(checked against transformers 5.17 and 5.24):
-
-* ``GotOcr2ImageProcessor`` is the torchvision backend in 5.x. Its bicubic resize is
-  ``torch`` bicubic (a=-0.75, antialias) on tensors, not PIL bicubic (a=-0.5, uint8 rounding),
-  so pixel values differ from the model card's (max |diff| ~0.035 after normalisation on a
-  1500x700 image).
-* ``GotOcr2ImageProcessorPil`` gives bit-identical pixels and identical grids for
-  ``min_tiles=1``, but enumerates candidate grids width-major, while the model card stable-sorts
-  a ``set`` by area. For ``min_tiles > 1`` equal-area ties then resolve differently (e.g.
-  2288x880 with min=max=5: model card picks 1x5, HF picks 5x1). It also defaults to CLIP
-  mean/std, and the class names moved between transformers releases.
+Tiling is ``dynamic_preprocess`` + ``build_transform`` from the InternVL3 model card (DESIGN.md
+section 2), because the vision tower was trained on exactly those tiles. transformers'
+``GotOcr2ImageProcessorPil`` computes it bit for bit (PIL bicubic, the same grid choice) for the
+only case used here, ``min_patches=1``; the tests compare it with the model card's code.
+``GotOcr2ImageProcessor`` (the torchvision backend) is not used: its torch bicubic resize gives
+pixel values up to ~0.035 away from the model card's after normalisation.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import GotOcr2ImageProcessorPil
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -133,52 +124,6 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(path, reason) from exc
 
 
-@lru_cache(maxsize=64)
-def _target_ratios(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
-    """Candidate (columns, rows) grids in the model card's exact order.
-
-    The model card stable-sorts a ``set`` by area, so grids of equal area keep set iteration
-    order, which decides equal-area ties. The set is built with the card's exact comprehension
-    (same insertion sequence; int-tuple hashes are deterministic in CPython) to reproduce it.
-    """
-    ratios = set(
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    )
-    return tuple(sorted(ratios, key=lambda r: r[0] * r[1]))
-
-
-def tile_grid(width: int, height: int, image_size: int, max_tiles: int, min_tiles: int = 1) -> tuple[int, int]:
-    """Return the (columns, rows) grid the model card's ``find_closest_aspect_ratio`` picks.
-
-    Closest aspect ratio wins; on an exact tie a later (larger-area) grid replaces the current
-    one only when the image area exceeds half the grid's pixel area, so small images are not
-    blown up into many tiles.
-    """
-    _check_positive_int("width", width)
-    _check_positive_int("height", height)
-    _check_positive_int("image_size", image_size)
-    _check_positive_int("max_tiles", max_tiles)
-    _check_positive_int("min_tiles", min_tiles)
-    if min_tiles > max_tiles:
-        raise ValueError(f"min_tiles ({min_tiles}) must be <= max_tiles ({max_tiles})")
-    aspect_ratio = width / height
-    area = width * height
-    best_diff = float("inf")
-    best = (1, 1)
-    for cols, rows in _target_ratios(min_tiles, max_tiles):
-        diff = abs(aspect_ratio - cols / rows)
-        if diff < best_diff:
-            best_diff = diff
-            best = (cols, rows)
-        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
-            best = (cols, rows)
-    return best
-
-
 class ImageTransform:
     """PIL image -> InternVL pixel_values: dynamic tiles (+ thumbnail), ImageNet-normalised."""
 
@@ -186,7 +131,6 @@ class ImageTransform:
         self,
         image_size: int = 448,
         max_tiles: int = 12,
-        use_thumbnail: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -198,39 +142,27 @@ class ImageTransform:
             raise ValueError(f"std must have 3 non-zero values (RGB), got {std!r}")
         self.image_size = image_size
         self.max_tiles = max_tiles
-        self.use_thumbnail = use_thumbnail
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # explicit mean/std: the processor's defaults are CLIP's, InternVL uses ImageNet's
+        self.processor = GotOcr2ImageProcessorPil(
+            size={"height": image_size, "width": image_size},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=max_tiles,
+            resample=Image.Resampling.BICUBIC,
+            image_mean=list(mean),
+            image_std=list(std),
+        )
 
     def num_tiles(self, width: int, height: int) -> int:
-        """Tiles an image of this size becomes (known from its header, before decoding)."""
-        cols, rows = tile_grid(width, height, self.image_size, self.max_tiles)
-        return cols * rows + (1 if self.use_thumbnail and cols * rows != 1 else 0)
-
-    def tiles(self, image: Image.Image) -> list[Image.Image]:
-        """The model card's ``dynamic_preprocess``: row-major tiles, then the thumbnail if >1 tile."""
-        image = to_rgb(image)
-        size = self.image_size
-        cols, rows = tile_grid(image.width, image.height, size, self.max_tiles)
-        resized = image.resize((size * cols, size * rows), Image.Resampling.BICUBIC)
-        tiles = [
-            resized.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
-            for r in range(rows)
-            for c in range(cols)
-        ]
-        if self.use_thumbnail and len(tiles) != 1:
-            tiles.append(image.resize((size, size), Image.Resampling.BICUBIC))
-        return tiles
+        """Tiles an image of this size becomes, thumbnail included (known from its header)."""
+        _check_positive_int("width", width)
+        _check_positive_int("height", height)
+        return self.processor.get_number_of_image_patches(height, width)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Return float32 pixel_values [N, 3, image_size, image_size].
-
-        Same float32 ops as torchvision ``ToTensor`` + ``Normalize`` (divide by 255, subtract
-        mean, divide by std), so values match the model card bit for bit.
-        """
-        stacked = np.stack([np.asarray(tile, dtype=np.uint8) for tile in self.tiles(image)])
-        pixels = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div(255)
-        return pixels.sub(self.mean).div(self.std).contiguous()
+        """Return float32 pixel_values [N, 3, image_size, image_size]: row-major tiles, then the
+        thumbnail when there is more than one tile."""
+        return self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"].float()
 
     def load_pixel_values(self, path: str | Path) -> torch.Tensor:
         """Load an image file (see :func:`load_image`) and tile it."""

@@ -20,7 +20,6 @@ from multimodal.transforms import (
     ImageLoadError,
     ImageTransform,
     load_image,
-    tile_grid,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -143,55 +142,50 @@ def test_pixel_values_match_model_card(width, height, image_size, max_tiles):
     transform = ImageTransform(image_size=image_size, max_tiles=max_tiles)
     got = transform(image)
     want = ref_pixel_values(image, input_size=image_size, max_num=max_tiles)
-    cols, rows = tile_grid(width, height, image_size, max_tiles)
-    assert (cols, rows) == ref_target_ratio(width, height, 1, max_tiles, image_size)
+    cols, rows = ref_target_ratio(width, height, 1, max_tiles, image_size)
     expected_n = cols * rows + (1 if cols * rows > 1 else 0)
+    assert transform.num_tiles(width, height) == expected_n
     assert got.dtype == torch.float32
     assert got.shape == (expected_n, 3, image_size, image_size) == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_expected_grids_for_odd_shapes():
-    assert tile_grid(1, 1, 448, 12) == (1, 1)
-    assert tile_grid(10, 10, 448, 12) == (1, 1)  # tiny square: tie with 2x2 etc. but area too small
-    assert tile_grid(448, 448, 448, 12) == (1, 1)  # 448^2 is not > 0.5 * 448^2 * 4
-    assert tile_grid(896, 896, 448, 12) == (2, 2)  # large enough to take the bigger square grid
-    assert tile_grid(1344, 448, 448, 12) == (3, 1)
-    assert tile_grid(300, 1500, 448, 12) == (1, 5)
-    assert tile_grid(4000, 3000, 448, 12) == (4, 3)
-    assert tile_grid(4000, 3000, 448, 1) == (1, 1)
+@pytest.mark.parametrize(
+    ("width", "height", "max_tiles", "grid"),
+    [
+        (1, 1, 12, (1, 1)),
+        (10, 10, 12, (1, 1)),  # tiny square: ties with 2x2 etc., but its area is too small
+        (448, 448, 12, (1, 1)),  # 448^2 is not > 0.5 * 448^2 * 4
+        (896, 896, 12, (2, 2)),  # large enough to take the bigger square grid
+        (1344, 448, 12, (3, 1)),
+        (300, 1500, 12, (1, 5)),
+        (4000, 3000, 12, (4, 3)),
+        (4000, 3000, 1, (1, 1)),
+    ],
+)
+def test_expected_grids_for_odd_shapes(width, height, max_tiles, grid):
+    assert ref_target_ratio(width, height, 1, max_tiles, 448) == grid
+    n = grid[0] * grid[1]
+    assert ImageTransform(448, max_tiles).num_tiles(width, height) == n + (1 if n > 1 else 0)
 
 
-def test_tile_grid_matches_reference_on_sweep():
+def test_tile_counts_match_reference_on_sweep():
+    """Grid choice (ties included) of the HF processor equals the model card's, min_patches 1."""
     rng = np.random.default_rng(1)
+    transforms = {}
     for _ in range(2000):
         width, height = (int(v) for v in rng.integers(1, 5000, size=2))
         image_size = int(rng.choice([28, 56, 448]))
         max_tiles = int(rng.integers(1, 25))
-        min_tiles = int(rng.integers(1, max_tiles + 1))
-        assert tile_grid(width, height, image_size, max_tiles, min_tiles) == ref_target_ratio(
-            width, height, min_tiles, max_tiles, image_size
-        ), (width, height, image_size, max_tiles, min_tiles)
-
-
-@pytest.mark.parametrize(
-    ("width", "height", "min_tiles", "max_tiles"),
-    # Exact equal-area ties where the model card's set order matters (HF's GotOcr2 order differs).
-    [(2288, 880, 5, 5), (13, 5, 5, 5), (5, 2, 4, 4), (2005, 802, 4, 4), (15, 4, 6, 7), (1005, 3216, 8, 8)],
-)
-def test_equal_area_ties_follow_model_card(width, height, min_tiles, max_tiles):
-    assert tile_grid(width, height, 448, max_tiles, min_tiles) == ref_target_ratio(
-        width, height, min_tiles, max_tiles, 448
-    )
+        transform = transforms.setdefault((image_size, max_tiles), ImageTransform(image_size, max_tiles))
+        cols, rows = ref_target_ratio(width, height, 1, max_tiles, image_size)
+        expected = cols * rows + (1 if cols * rows > 1 else 0)
+        assert transform.num_tiles(width, height) == expected, (width, height, image_size, max_tiles)
 
 
 def test_thumbnail_only_with_multiple_tiles():
     wide = make_image(900, 300)
     assert ImageTransform(max_tiles=12)(wide).shape[0] == 3 + 1
-    assert ImageTransform(max_tiles=12, use_thumbnail=False)(wide).shape[0] == 3
-    torch.testing.assert_close(
-        ImageTransform(use_thumbnail=False)(wide), ref_pixel_values(wide, use_thumbnail=False), rtol=0, atol=1e-6
-    )
     assert ImageTransform(max_tiles=12)(make_image(300, 300)).shape[0] == 1  # single tile, no thumbnail
 
 
@@ -202,11 +196,12 @@ def test_max_tiles_one_gives_single_tile():
 
 def test_tiles_are_row_major_and_thumbnail_last():
     image = make_image(112, 56)  # 2x1 grid at image_size 56
-    tiles = ImageTransform(image_size=56).tiles(image)
+    tiles = ImageTransform(image_size=56, mean=(0, 0, 0), std=(1 / 255,) * 3)(image)  # pixel values 0..255
     assert len(tiles) == 3
-    np.testing.assert_array_equal(rgb(tiles[0]), rgb(image)[:, :56])
-    np.testing.assert_array_equal(rgb(tiles[1]), rgb(image)[:, 56:])
-    np.testing.assert_array_equal(rgb(tiles[2]), rgb(image.resize((56, 56), Image.Resampling.BICUBIC)))
+    as_rgb = tiles.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(as_rgb[0], rgb(image)[:, :56])
+    np.testing.assert_array_equal(as_rgb[1], rgb(image)[:, 56:])
+    np.testing.assert_array_equal(as_rgb[2], rgb(image.resize((56, 56), Image.Resampling.BICUBIC)))
 
 
 def test_non_rgb_image_is_converted_in_call():
@@ -239,19 +234,10 @@ def test_transform_argument_validation(kwargs, name):
         ImageTransform(**kwargs)
 
 
-@pytest.mark.parametrize(
-    ("args", "name"),
-    [
-        ((0, 10, 448, 12), "width"),
-        ((10, 0, 448, 12), "height"),
-        ((10, 10, 0, 12), "image_size"),
-        ((10, 10, 448, 0), "max_tiles"),
-        ((10, 10, 448, 2, 3), "min_tiles"),
-    ],
-)
-def test_tile_grid_argument_validation(args, name):
+@pytest.mark.parametrize(("size", "name"), [((0, 10), "width"), ((10, 0), "height")])
+def test_num_tiles_argument_validation(size, name):
     with pytest.raises(ValueError, match=name):
-        tile_grid(*args)
+        ImageTransform(56, 6).num_tiles(*size)
 
 
 # ---------------------------------------------------------------------------------------------
