@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for a CLI subprocess: this repo importable, ahead of (not instead of) PYTHONPATH."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overrides) -> Path:

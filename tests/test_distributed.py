@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import torch
 
 import run
-from tests.run_helpers import REPO, demo_config, metrics, weights
+from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
 
 # Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
 # receive only rounding noise, which Adam's normalisation turns into full-size random steps.
@@ -17,11 +16,10 @@ ZERO_GRADIENT_SUFFIX = "k_proj.bias"
 
 
 def torchrun(config, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
          str(REPO / "run.py"), str(config)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
     )
 
 

@@ -34,12 +34,12 @@ import checkpoint as ckpt
 import model_setup
 import run
 import trainer
-from tests.run_helpers import REPO, demo_config, metrics, weights
+from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
 
 DEMO = REPO / "data" / "demo"
 # num_workers 0: one process, so a run is bit-for-bit reproducible (the fault tests compare exactly)
 RUN_KEYS = dict(num_epochs=4, epochs_per_stage=1, max_latent_stage=2, num_workers=0)
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+SUBPROCESS_ENV = subprocess_env()
 
 
 def user_error(capsys, config: Path, *fragments: object) -> str:
