@@ -30,33 +30,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import run
 from preprocessing.blank_images import blank_copy
 from preprocessing.easy_vqa import build, parse_question
-from tests.run_helpers import demo_config, metrics
+from tests.run_helpers import REPO, demo_config, metrics
 
 pytestmark = pytest.mark.learning
 
 N_TRAIN, N_VAL, DATA_SEED = 2000, 150, 0
-KEYS = dict(
-    coconut=True,
-    c_thought=1,
-    epochs_per_stage=3,
-    max_latent_stage=2,
-    num_epochs=9,
-    lr=3.0e-4,
-    weight_decay=0.0,
-    batch_size_training=8,
-    batch_size_eval=64,
-    image_size=56,
-    max_tiles=1,
-    max_new_tokens=24,
-    save_only_improve=True,
-    seed=0,
-    num_workers=0,
-)
+# the recipe users run (args/easy_vqa_tiny.yaml), with this test's data and save paths
+KEYS = {k: v for k, v in yaml.safe_load((REPO / "args" / "easy_vqa_tiny.yaml").read_text()).items()
+        if k not in ("model_id", "image_dir", "train_path", "val_path", "save_path", "name")}
 MARGIN_ABOVE = 0.20  # real images: final accuracy at least this far above the text-only bar
 MARGIN_BLANK = 0.10  # blank images: final accuracy at most this far above it
 
