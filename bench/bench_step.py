@@ -45,12 +45,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLConfig, InternVLVisionConfig, Qwen2Config
+from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLConfig
 
 from coconut import IGNORE_INDEX, Coconut
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
-from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, ensure_tiny_model
+from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, ensure_tiny_model, internvl3_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
@@ -134,43 +134,14 @@ class Bench:
 # Model
 def internvl3_1b_config(rope: str) -> InternVLConfig:
     """The native InternVLConfig of InternVL3-1B (InternViT-300M + Qwen2.5-0.5B shape, untied head)."""
-    vision = InternVLVisionConfig(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        image_size=448,
-        patch_size=14,
-        attention_bias=True,
-        use_qk_norm=False,
-        norm_type="layer_norm",
-        layer_scale_init_value=0.1,
-        use_mean_pooling=True,
-    )
-    text = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_parameters=dict(ROPE[rope]),
-        tie_word_embeddings=False,
-        bos_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
-    return InternVLConfig(
-        vision_config=vision,
-        text_config=text,
+    return internvl3_config(
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                    image_size=448),
+        text=dict(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_parameters=dict(ROPE[rope]), bos_token_id=PAD_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
         image_token_id=IMG_CONTEXT_ID,
         image_seq_length=256,
-        downsample_ratio=0.5,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
     )
 
 

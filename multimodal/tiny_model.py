@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -301,45 +302,38 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerFast) -> InternVLProcesso
     )
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
-    """InternVL3-1B's architecture (InternViT + Qwen2, untied head) at toy width and depth."""
-    vision = InternVLVisionConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH_SIZE,
-        attention_bias=True,
-        use_qk_norm=False,
-        norm_type="layer_norm",
-        layer_scale_init_value=0.1,
-        use_mean_pooling=True,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+def internvl3_config(
+    vision: dict[str, Any], text: dict[str, Any], image_token_id: int, image_seq_length: int
+) -> InternVLConfig:
+    """InternVL3's architecture at the given sizes: InternViT (qkv bias, layer scale, no qk-norm,
+    mean pooling: no final norm), pixel shuffle 0.5, gelu projector, Qwen2 with an untied head."""
     return InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.context_image_token_id,
-        image_seq_length=TINY_IMAGE_SEQ_LENGTH,
-        downsample_ratio=TINY_DOWNSAMPLE_RATIO,
+        vision_config=InternVLVisionConfig(
+            patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+            layer_scale_init_value=0.1, use_mean_pooling=True, **vision,
+        ),
+        text_config=Qwen2Config(tie_word_embeddings=False, **text),
+        image_token_id=image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
+    """InternVL3-1B's architecture at toy width and depth."""
+    return internvl3_config(
+        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    image_size=TINY_IMAGE_SIZE),
+        text=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=None,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=TINY_IMAGE_SEQ_LENGTH,
     )
 
 
