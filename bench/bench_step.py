@@ -50,7 +50,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLCon
 from coconut import IGNORE_INDEX, Coconut
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
-from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, ensure_tiny_model, internvl3_config
+from multimodal.internvl import internvl3_config
+from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, ensure_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"

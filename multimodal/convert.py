@@ -22,17 +22,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import (
     GenerationConfig,
-    GotOcr2ImageProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
-    InternVLVideoProcessor,
     InternVLVisionConfig,
     PreTrainedConfig,
     Qwen2Config,
     Qwen2Tokenizer,
 )
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from multimodal.internvl import internvl_processor
 
 ORIGINAL_MODEL_TYPE = "internvl_chat"
 MARKER_FILE = "coconut_conversion.json"
@@ -263,27 +262,13 @@ def _load_tokenizer(src: Path) -> Qwen2Tokenizer:
 
 
 def _processor(tokenizer: Qwen2Tokenizer, original: dict[str, Any], config: InternVLConfig) -> InternVLProcessor:
-    """InternVL tiling (GotOcr2 crop_to_patches, thumbnail, ImageNet normalisation) plus the tokenizer.
-
-    InternVLProcessor requires a video processor too; it gets the same frame size and normalisation.
-    """
-    size = config.vision_config.image_size[0]
-    pixels = dict(
-        size={"height": size, "width": size},
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-    image_processor = GotOcr2ImageProcessor(
-        **pixels,
-        crop_to_patches=True,
-        min_patches=original.get("min_dynamic_patch", 1),
-        max_patches=original.get("max_dynamic_patch", 12),
-    )
-    return InternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=InternVLVideoProcessor(**pixels),
-        image_seq_length=config.image_seq_length,
+    """The original's tiling settings (force_image_size, min/max_dynamic_patch) on the native processor."""
+    return internvl_processor(
+        tokenizer,
+        config.vision_config.image_size[0],
+        config.image_seq_length,
+        min_tiles=original.get("min_dynamic_patch", 1),
+        max_tiles=original.get("max_dynamic_patch", 12),
     )
 
 

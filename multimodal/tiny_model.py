@@ -22,23 +22,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import (
-    GotOcr2ImageProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
-    InternVLVideoProcessor,
-    InternVLVisionConfig,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from multimodal.internvl import internvl3_config, internvl_processor
 
 # Qwen2/Qwen2.5 pre-tokenizer (single digits, no 1-3 digit groups); both tokenizers use it.
 QWEN2_PRETOKENIZE_REGEX = (
@@ -119,9 +116,6 @@ TINY_PATCH_SIZE = 14
 TINY_DOWNSAMPLE_RATIO = 0.5
 # (56/14)^2 patches, pixel-shuffled by 0.5 in each direction -> 4 tokens per tile.
 TINY_IMAGE_SEQ_LENGTH = int((TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2 * TINY_DOWNSAMPLE_RATIO**2)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC
 
 # Written last into a finished checkpoint. Bump TINY_BUILD_VERSION whenever the tiny
 # architecture or tokenizer changes so cached checkpoints (data/tiny_internvl) get rebuilt.
@@ -277,50 +271,7 @@ def build_internvl3_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_processor(tokenizer: PreTrainedTokenizerFast) -> InternVLProcessor:
     """InternVL3's tiling processor, shrunk to 56 px tiles (4 image tokens each)."""
-    image_processor = GotOcr2ImageProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        crop_to_patches=True,
-        min_patches=1,
-        max_patches=12,
-        resample=BICUBIC,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    )
-    # Required by InternVLProcessor even though this project feeds no videos.
-    video_processor = InternVLVideoProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        resample=BICUBIC,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-    )
-    return InternVLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        image_seq_length=TINY_IMAGE_SEQ_LENGTH,
-    )
-
-
-def internvl3_config(
-    vision: dict[str, Any], text: dict[str, Any], image_token_id: int, image_seq_length: int
-) -> InternVLConfig:
-    """InternVL3's architecture at the given sizes: InternViT (qkv bias, layer scale, no qk-norm,
-    mean pooling: no final norm), pixel shuffle 0.5, gelu projector, Qwen2 with an untied head."""
-    return InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
-            layer_scale_init_value=0.1, use_mean_pooling=True, **vision,
-        ),
-        text_config=Qwen2Config(tie_word_embeddings=False, **text),
-        image_token_id=image_token_id,
-        image_seq_length=image_seq_length,
-        downsample_ratio=0.5,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
+    return internvl_processor(tokenizer, TINY_IMAGE_SIZE, TINY_IMAGE_SEQ_LENGTH)
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
