@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
+from utils import Config, config_from_dict
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,14 @@ def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overr
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def mm_config(image_dir: Path, **keys) -> Config:
+    """A multimodal Config for data-path tests: tiny-model tiles (56 px, up to 6), given image_dir."""
+    return config_from_dict(
+        {"multimodal": True, "model_id": "m", "train_path": "t", "val_path": "v", "image_dir": str(image_dir),
+         "image_size": 56, "max_tiles": 6, **keys}
+    )
 
 
 def metrics(save_dir: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from transformers import AutoProcessor
 from dataset import DataError, LatentIds, get_cot_latent_dataset
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, get_mm_dataset
-from utils import config_from_dict
+from tests.run_helpers import mm_config as cfg
 
 
 @pytest.fixture()
@@ -28,13 +28,6 @@ def write_data(tmp_path, records, images):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
     return path, image_dir
-
-
-def cfg(image_dir, **kw):
-    return config_from_dict(
-        {"multimodal": True, "model_id": "m", "train_path": "t", "val_path": "v", "image_dir": str(image_dir),
-         "image_size": 56, "max_tiles": 6, **kw}
-    )
 
 
 RECORDS = [

@@ -23,7 +23,7 @@ from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, get_mm_dataset
 from multimodal.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
-from utils import config_from_dict
+from tests.run_helpers import mm_config as cfg
 
 N_FRAMES = 20
 COLOUR_TOL = 10.0  # uint8 units; mpeg4 at this size is off by at most ~5
@@ -58,13 +58,6 @@ def write_data(tmp_path, records, videos):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
     return path, image_dir
-
-
-def cfg(image_dir, **kw):
-    return config_from_dict(
-        {"multimodal": True, "model_id": "m", "train_path": "t", "val_path": "v", "image_dir": str(image_dir),
-         "image_size": 56, "max_tiles": 6, **kw}
-    )
 
 
 def record(video, question="What colour comes first?", **kw):
