@@ -231,8 +231,11 @@ class Run:
         with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
                   disable=not info.is_main, dynamic_ncols=True) as bar:
             for i, batch in enumerate(loader):
+                # counted on the host copy: no device-to-host sync in the step
+                window_tokens += int(batch["attention_mask"].sum())
+                window_samples += batch["input_ids"].shape[0]
+                n_labels = (batch["labels"][:, 1:] != -100).sum().double().to(info.device)
                 batch = to_device(batch, info.device)
-                n_labels = (batch["labels"][:, 1:] != -100).sum().double()
                 n_global = all_reduce_sum(n_labels.clone())
                 last_micro = (i + 1) % accum == 0 or i + 1 == len(loader)
                 if info.distributed:
@@ -244,8 +247,6 @@ class Run:
                 self.scaler.scale(out.loss / accum).backward()
                 step_loss = out.loss.detach().double() * n_global / info.world_size
                 loss_sum += torch.stack([step_loss, n_labels])
-                window_tokens += int(batch["attention_mask"].sum())
-                window_samples += batch["input_ids"].shape[0]
                 if last_micro:
                     lr = self._optimizer_step(optimizer, total_steps)
                     if self.state.step % config.log_every == 0:
