@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from greedy_decode import (
+    CacheGreedyDecoder,
+    GreedyDecoder,
+    PromptState,
+    StaticGreedyDecoder,
+    capture_cuda_graph,
+    supports_static_decode,
+)
 from hf_compat import cache_keyword
 
 IGNORE_INDEX = -100
@@ -83,6 +91,18 @@ class CausalLMAdapter:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
+
+    def greedy_decoder(
+        self,
+        prompt: PromptState,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> GreedyDecoder:
+        """Decoding state after the prompt: static buffers where the decoder allows (greedy_decode.py)."""
+        if supports_static_decode(self.decoder):
+            return StaticGreedyDecoder(self.decoder, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id)
+        return CacheGreedyDecoder(self.decode, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id)
 
 
 class InternVLAdapter(CausalLMAdapter):
@@ -331,14 +351,44 @@ class Coconut(nn.Module):
         synced_gpus: bool = False,
         position_ids: torch.Tensor | None = None,
         stop_check_every: int = 4,
+        cuda_graph: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Batched greedy decoding after the latent passes; returns new tokens [B, T], pad after eos.
 
         Each sample's tokens equal generating it alone. With synced_gpus every rank keeps stepping
-        (dummy steps once done) until all ranks are finished, as FSDP needs.
+        (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph replays
+        each token step as one captured CUDA graph (one process, CUDA, a Llama/Qwen2-style decoder).
         """
         synced = synced_gpus or self.synced_gpus
+        prompt = self.encode_prompt(input_ids, attention_mask, pixel_values, num_patches_list, position_ids, synced)
+        decoder = self.adapter.greedy_decoder(prompt, max_new_tokens, self.eos_token_id, self.pad_token_id)
+        if cuda_graph and max_new_tokens > 1:
+            if synced or not isinstance(decoder, StaticGreedyDecoder) or input_ids.device.type != "cuda":
+                raise ValueError(
+                    "cuda_graph decoding needs one process (no FSDP), CUDA tensors and a decoder with "
+                    f"rotary layers; got synced={synced}, device={input_ids.device.type}, {type(decoder).__name__}"
+                )
+            capture_cuda_graph(decoder)
+        steps = 1
+        while steps < max_new_tokens:
+            if steps % stop_check_every == 0 and self._all_done(decoder.finished, synced):
+                break
+            decoder.step()
+            self.gen_forward_cnt += 1
+            steps += 1
+        return decoder.tokens[:, :steps]
+
+    def encode_prompt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        num_patches_list: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        synced: bool = False,
+    ) -> PromptState:
+        """Images, latent passes and the whole prompt through the decoder: what decoding starts from."""
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         layout = self._layout(input_ids, synced)
@@ -348,31 +398,10 @@ class Coconut(nn.Module):
         embeds = self.adapter.embed(input_ids, pixel_values, num_patches_list, synced_gpus=synced)
         hiddens, cache = self._latent_prefill(embeds, attention_mask, position_ids, layout)
         hidden = torch.cat(hiddens, dim=1)
-
-        batch = input_ids.shape[0]
         cols = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (cols * attention_mask.bool()).argmax(1)  # last real position of each prompt
-        rows = torch.arange(batch, device=input_ids.device)
-        logits = self.adapter.head(hidden[rows, last])
-        next_pos = position_ids[rows, last] + 1
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        tokens: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            token = torch.where(finished, self.pad_token_id, logits.argmax(-1))
-            tokens.append(token)
-            finished = finished | (token == self.eos_token_id)
-            if step + 1 == max_new_tokens:
-                break
-            if (step + 1) % stop_check_every == 0 and self._all_done(finished, synced):
-                break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            hidden = self.adapter.decode(
-                self.adapter.embed_tokens(token[:, None]), attention_mask, next_pos[:, None], cache
-            )
-            self.gen_forward_cnt += 1
-            logits = self.adapter.head(hidden[:, -1])
-            next_pos = next_pos + 1
-        return torch.stack(tokens, dim=1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return PromptState(cache, attention_mask, position_ids[rows, last] + 1, self.adapter.head(hidden[rows, last]))
 
     @staticmethod
     def _all_done(finished: torch.Tensor, synced: bool) -> bool:

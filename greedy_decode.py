@@ -1,0 +1,196 @@
+"""Greedy decoding on preallocated KV buffers: one fixed-shape step per new token.
+
+For a one-token step, the work around the kernels is the whole cost on a GPU, and transformers'
+decoder forward does a lot of it per call: it rebuilds the attention mask, re-evaluates RoPE
+(dynamic RoPE, as in InternVL3-1B, syncs with the host to check the length) and grows a
+DynamicCache with torch.cat. Here the prompt's K/V, after the latent passes, are copied once into
+buffers sized for the whole generation; RoPE cos/sin for every new position are computed once;
+each step calls the decoder layers directly with a mask derived on the device from a step
+counter, and picks the next token on the device. A step therefore has no host sync and the same
+shapes and addresses every time: steps queue up without waiting for the GPU, and the step can be
+captured and replayed as a CUDA graph.
+
+Used for decoders built like Llama/Qwen2 (`layers`, `norm`, `rotary_emb`, full attention);
+coconut.Coconut falls back to the decoder's own forward for anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from hf_compat import cache_keyword, layer_past
+
+
+@dataclasses.dataclass
+class PromptState:
+    """A batch's prompt after the latent passes: its cache, mask, next positions and last logits."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [B, prompt length], left-padded
+    next_pos: torch.Tensor  # [B] position of the first new token
+    logits: torch.Tensor  # [B, vocab] at each prompt's last real position
+
+
+def supports_static_decode(decoder: nn.Module) -> bool:
+    """Whether the decoder's layers can be driven directly: rotary positions, full causal attention."""
+    config = getattr(decoder, "config", None)
+    if not all(hasattr(decoder, name) for name in ("layers", "norm", "rotary_emb")) or config is None:
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return not getattr(config, "use_sliding_window", False) and set(layer_types) == {"full_attention"}
+
+
+class StaticKV:
+    """Per-layer K/V buffers that the decoder layers write into in place (duck-types Cache.update).
+
+    `column` (a one-element device tensor) is where the next token's K/V go; the caller advances it.
+    """
+
+    def __init__(self, prefix: DynamicCache, n_layers: int, total_len: int, column: torch.Tensor) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for idx in range(n_layers):
+            past_k, past_v = layer_past(prefix, idx)
+            if past_k is None or past_v is None:
+                raise ValueError(f"the prompt's cache has no keys for decoder layer {idx}")
+            self.keys.append(_extend(past_k, total_len))
+            self.values.append(_extend(past_v, total_len))
+        self.column = column
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer_idx].index_copy_(2, self.column, keys)
+        self.values[layer_idx].index_copy_(2, self.column, values)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def _extend(past: torch.Tensor, total_len: int) -> torch.Tensor:
+    buffer = past.new_zeros(*past.shape[:2], total_len, past.shape[3])
+    buffer[:, :, : past.shape[2]] = past
+    return buffer
+
+
+class GreedyDecoder:
+    """Greedy decoding state in fixed device buffers: the tokens so far and which samples are done.
+
+    `tokens[:, 0]` is the first new token (from the prompt's logits); each `step()` feeds
+    `tokens[:, t]` through the decoder and writes `tokens[:, t + 1]`, pad once a sample has
+    emitted eos. No step reads anything back to the host.
+    """
+
+    def __init__(self, first_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
+        batch = first_logits.shape[0]
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first_logits.device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=first_logits.device)
+        self._emit(first_logits, torch.zeros(1, dtype=torch.long, device=first_logits.device))
+
+    def _emit(self, logits: torch.Tensor, t: torch.Tensor) -> None:
+        """Write the greedy token for position t (a one-element device tensor), pad if finished."""
+        token = torch.where(self.finished, self.pad_token_id, logits.argmax(-1))
+        self.finished |= token == self.eos_token_id
+        self.tokens.index_copy_(1, t, token[:, None])
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class CacheGreedyDecoder(GreedyDecoder):
+    """Any decoder through its own forward and a growing DynamicCache (the general path)."""
+
+    def __init__(
+        self,
+        decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor],
+        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+        head: Callable[[torch.Tensor], torch.Tensor],
+        prompt: PromptState,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> None:
+        super().__init__(prompt.logits, max_new_tokens, eos_token_id, pad_token_id)
+        self.decode, self.embed_tokens, self.head, self.cache = decode, embed_tokens, head, prompt.cache
+        self.attention_mask, self.next_pos = prompt.attention_mask, prompt.next_pos
+        self.t = 0
+
+    def step(self) -> None:
+        t = self.t
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(self.attention_mask.shape[0], 1)], 1)
+        hidden = self.decode(
+            self.embed_tokens(self.tokens[:, t : t + 1]), self.attention_mask, self.next_pos[:, None] + t, self.cache
+        )
+        self._emit(self.head(hidden[:, -1]), torch.full((1,), t + 1, device=self.tokens.device))
+        self.t += 1
+
+
+class StaticGreedyDecoder(GreedyDecoder):
+    """Llama/Qwen2-style decoders driven layer by layer on preallocated buffers (module docstring)."""
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+        head: Callable[[torch.Tensor], torch.Tensor],
+        prompt: PromptState,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> None:
+        super().__init__(prompt.logits, max_new_tokens, eos_token_id, pad_token_id)
+        attention_mask = prompt.attention_mask
+        batch, prompt_len = attention_mask.shape
+        device = attention_mask.device
+        total = prompt_len + max_new_tokens
+        self.decoder, self.embed_tokens, self.head = decoder, embed_tokens, head
+        self.prompt_len = prompt_len
+        self.cache_kw = cache_keyword(decoder.layers[0].forward)
+        self.column = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        self.cache = StaticKV(prompt.cache, len(decoder.layers), total, self.column)
+        self.valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1)
+        self.cols = torch.arange(total, device=device)
+        positions = prompt.next_pos[:, None] + torch.arange(max_new_tokens, device=device)
+        # RoPE for every new position at once; cos/sin come back in the dtype of the embeddings.
+        self.cos, self.sin = decoder.rotary_emb(embed_tokens(self.tokens[:, :1]), positions)
+
+    def step(self) -> None:
+        t = self.column - self.prompt_len  # index of the token fed in
+        hidden = self.embed_tokens(self.tokens.index_select(1, t))
+        rope = (self.cos.index_select(1, t), self.sin.index_select(1, t))
+        mask = (self.valid & (self.cols <= self.column))[:, None, None, :]
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kw: self.cache})
+        self._emit(self.head(self.decoder.norm(hidden)[:, -1]), t + 1)
+        self.column.add_(1)
+
+
+def capture_cuda_graph(decoder: StaticGreedyDecoder) -> None:
+    """Replace decoder.step by the replay of one captured CUDA graph of it.
+
+    The step is shape- and address-stable and never syncs, so replaying the recorded kernels is the
+    same computation with no per-op host work. One warm-up step on a side stream (cuBLAS and
+    allocator set-up must not happen during capture) runs first; the state it advanced is restored.
+    Autocast's weight-cast cache would hand the graph tensors that are freed after capture, so the
+    capture runs with that cache off.
+    """
+    saved = [buf.clone() for buf in (decoder.tokens, decoder.finished, decoder.column)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decoder.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    cast = (
+        torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        if torch.is_autocast_enabled("cuda")
+        else contextlib.nullcontext()
+    )
+    with torch.cuda.graph(graph), cast:
+        decoder.step()
+    for buf, value in zip((decoder.tokens, decoder.finished, decoder.column), saved):
+        buf.copy_(value)
+    decoder.step = graph.replay  # type: ignore[method-assign]

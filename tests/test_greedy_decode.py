@@ -1,0 +1,109 @@
+"""Greedy decoding: the static-buffer path equals the decoder's own forward with a DynamicCache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from coconut import Coconut
+from dataset import MyCollator
+from greedy_decode import CacheGreedyDecoder, StaticGreedyDecoder, supports_static_decode
+from tests.test_coconut_text import END, EOS, LATENT, PAD, START, VOCAB, prompts, strip, tiny_lm
+
+
+def padded_prompts() -> dict:
+    batch = MyCollator(PAD, LATENT)(prompts())
+    batch.pop("idx")
+    return batch
+
+
+def run(decoder, steps: int) -> None:
+    for _ in range(steps):
+        decoder.step()
+
+
+@pytest.mark.parametrize("rope", ["default", "dynamic"])
+def test_static_decoder_equals_cache_decoder(rope):
+    """Same tokens, and the K/V each step writes equal the DynamicCache's, on a left-padded batch."""
+    model = tiny_lm(seed=5)
+    if rope == "dynamic":  # InternVL3-1B's RoPE: the per-call path syncs to check the length
+        model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        model = type(model)(model.config).eval()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    adapter = coconut.adapter
+    assert supports_static_decode(adapter.decoder)
+    batch = padded_prompts()
+    steps, new = 10, 11
+    with torch.no_grad():
+        static = adapter.greedy_decoder(coconut.encode_prompt(**batch), new, EOS, PAD)
+        assert isinstance(static, StaticGreedyDecoder)
+        run(static, steps)
+        prompt = coconut.encode_prompt(**batch)
+        general = CacheGreedyDecoder(adapter.decode, adapter.embed_tokens, adapter.head, prompt, new, EOS, PAD)
+        run(general, steps)
+    assert torch.equal(static.tokens, general.tokens)
+    assert torch.equal(static.finished, general.finished)
+    start = batch["input_ids"].shape[1]
+    for idx, layer in enumerate(general.cache.layers):
+        for ours, theirs in ((static.cache.keys[idx], layer.keys), (static.cache.values[idx], layer.values)):
+            torch.testing.assert_close(ours[:, :, : start + steps], theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_static_decoder_pads_after_eos_and_stops_writing():
+    """A sample that emitted eos gets pad from then on; finished is never cleared."""
+    model = tiny_lm(seed=6)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    with torch.no_grad():
+        prompt = coconut.encode_prompt(**padded_prompts())
+        prompt.logits[1] = 0
+        prompt.logits[1, EOS] = 1  # sample 1 ends at once
+        decoder = coconut.adapter.greedy_decoder(prompt, 6, EOS, PAD)
+        run(decoder, 5)
+    assert decoder.tokens[1].tolist() == [EOS, PAD, PAD, PAD, PAD, PAD]
+    assert bool(decoder.finished[1])
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(7)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_decoders_without_rotary_layers_use_the_general_path():
+    """GPT-2 (learned positions, no rotary_emb): batched generation still equals one by one."""
+    model = tiny_gpt2()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    assert not supports_static_decode(coconut.adapter.decoder)
+    collate = MyCollator(PAD, LATENT)
+    feats = prompts()
+    batch = collate(feats)
+    batch.pop("idx")
+    batched = coconut.generate(**batch, max_new_tokens=8)
+    for i, f in enumerate(feats):
+        one = collate([f])
+        one.pop("idx")
+        assert strip(batched[i]) == strip(coconut.generate(**one, max_new_tokens=8)[0]), i
+
+
+def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
+    model = tiny_lm(seed=8)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="cuda_graph decoding needs one process"):
+        coconut.generate(**padded_prompts(), max_new_tokens=4, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager(dtype):
+    """Replaying the captured step gives the eager step's tokens (same kernels), under autocast too."""
+    model = tiny_lm(seed=9).cuda()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = {k: v.cuda() for k, v in padded_prompts().items()}
+    cast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    with cast:
+        eager = coconut.generate(**batch, max_new_tokens=12)
+        graphed = coconut.generate(**batch, max_new_tokens=12, cuda_graph=True)
+        again = coconut.generate(**batch, max_new_tokens=12, cuda_graph=True)
+    assert torch.equal(eager, graphed)
+    assert torch.equal(graphed, again)
