@@ -55,13 +55,16 @@ from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
-MODES = ("vision", "sft", "coconut", "decode", "naive", "naive_decode")
+MODES = ("vision", "sft", "coconut", "decode", "naive", "naive_decode", "decode_graph")
+CUDA_ONLY_MODES = ("decode_graph",)
 STEP_MODES = ("vision", "sft", "coconut", "naive")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 # InternVL3-1B (DESIGN.md §2): vocabulary and special-token ids of the real tokenizer.
 VOCAB = 151674
 PAD_ID, EOS_ID, IMG_START_ID, IMG_END_ID, IMG_CONTEXT_ID = 151643, 151645, 151665, 151666, 151667
+# The host-overhead proxy's small vocabulary: ordinary text ids below PROXY_PAD.
+PROXY_VOCAB, PROXY_PAD, PROXY_EOS, PROXY_IMAGE = 995, 990, 991, (992, 994, 993)  # image: start, context, end
 # Parameter counts of the real model (DESIGN.md §2, vocabulary 151674).
 DESIGN_PARAMS = {
     "vision_tower": 304_012_288,
@@ -146,6 +149,23 @@ def internvl3_1b_config(rope: str) -> InternVLConfig:
     )
 
 
+def host_proxy_config(rope: str) -> InternVLConfig:
+    """InternVL3-1B's depth and op sequence at toy width (24 vision + 24 decoder layers, 1 token per tile).
+
+    Its compute is negligible, so on a CPU its step and decode times are the per-op host work
+    (Python, dispatch) that bounds the one-token latent passes and decoding on a GPU.
+    """
+    return internvl3_config(
+        vision=dict(hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64, image_size=28),
+        text=dict(vocab_size=PROXY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_parameters=dict(ROPE[rope]), bos_token_id=PROXY_PAD, eos_token_id=PROXY_EOS,
+                  pad_token_id=PROXY_PAD),
+        image_token_id=PROXY_IMAGE[1],
+        image_seq_length=1,
+    )
+
+
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Parameters by component, named as in DESIGN.md §2."""
 
@@ -178,15 +198,17 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, TokenIds, dict[str
         n_text, pad, eos = TINY_BPE_VOCAB_SIZE, processor.tokenizer.pad_token_id, processor.tokenizer.eos_token_id
         image = ImageTokens.from_processor(processor)
     else:
+        config = host_proxy_config(args.rope) if args.host_proxy else internvl3_1b_config(args.rope)
         # Built in place in the target dtype: RoPE buffers stay fp32 (model.to(bf16) would cast them).
         with torch.device(args.device):
-            model = AutoModelForImageTextToText.from_config(
-                internvl3_1b_config(args.rope), dtype=dtype, attn_implementation="sdpa"
-            )
-        n_text, pad, eos = QWEN25_SPECIAL_START_ID, PAD_ID, EOS_ID
-        image = ImageTokens(IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID, model.config.image_seq_length)
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if args.host_proxy:
+            n_text, pad, eos, image_ids = PROXY_PAD, PROXY_PAD, PROXY_EOS, PROXY_IMAGE
+        else:
+            n_text, pad, eos, image_ids = QWEN25_SPECIAL_START_ID, PAD_ID, EOS_ID, (IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID)
+        image = ImageTokens(*image_ids, model.config.image_seq_length)
     counts = param_counts(model)
-    if not args.tiny and counts != DESIGN_PARAMS:
+    if not (args.tiny or args.host_proxy) and counts != DESIGN_PARAMS:
         raise RuntimeError(f"full-size parameter counts {counts} differ from DESIGN.md §2 {DESIGN_PARAMS}")
     vocab = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(vocab + 3, mean_resizing=False)  # start, latent, end (add_latent_tokens' order)
@@ -439,6 +461,15 @@ def mode_decode(bench: Bench) -> dict[str, Any]:
     return line
 
 
+def mode_decode_graph(bench: Bench) -> dict[str, Any]:
+    """decode with every token step replayed as one captured CUDA graph (Coconut.generate(cuda_graph=True))."""
+    line, tokens = decode_rates(
+        bench, lambda n: bench.coconut.generate(**bench.prompts, max_new_tokens=n, cuda_graph=True), bench.layout.batch
+    )
+    eager = bench.coconut.generate(**bench.prompts, max_new_tokens=bench.args.new_tokens)
+    return {**line, "match_vs_decode": round(float((tokens == eager).float().mean()), 4)}
+
+
 def mode_naive_decode(bench: Bench) -> dict[str, Any]:
     """A few samples one at a time; match_vs_decode compares with batched Coconut.generate's tokens."""
     k = min(bench.args.naive_decode_samples, bench.layout.batch)
@@ -460,6 +491,7 @@ MODE_FUNCTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "decode": mode_decode,
     "naive": mode_naive,
     "naive_decode": mode_naive_decode,
+    "decode_graph": mode_decode_graph,
 }
 
 
@@ -489,6 +521,7 @@ def summary(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ("coconut", "sft", "ms_median", "ms"),
         ("naive", "sft", "ms_median", "ms"),
         ("naive_decode", "decode", "ms_per_token", "ms_per_token"),
+        ("decode_graph", "decode", "ms_per_token", "ms_per_token"),
     ):
         if slow in ok and base in ok:
             out[f"{slow}_over_{base}_{name}"] = round(ok[slow][key] / ok[base][key], 3)
@@ -516,7 +549,8 @@ def header(bench: Bench, argv: Sequence[str], params: dict[str, Any]) -> dict[st
         "peak_tflops": args.peak_tflops,
         "weights_gib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 3),
         "params": params,
-        "params_match_design": None if args.tiny else True,  # build_model raises on a mismatch
+        "host_proxy": args.host_proxy,
+        "params_match_design": None if args.tiny or args.host_proxy else True,  # build_model raises on a mismatch
         "layout": {
             **dataclasses.asdict(bench.layout),
             "first_latent": bench.layout.first_latent,
@@ -554,7 +588,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         return parse
 
     p = argparse.ArgumentParser(prog="python -m bench.bench_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="offline tiny InternVL instead of the full-size architecture")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--tiny", action="store_true", help="offline tiny InternVL instead of the full-size architecture")
+    arch.add_argument("--host-proxy", action="store_true",
+                      help="InternVL3-1B's depth at toy width: on a CPU, times the per-op host work (see host_proxy_config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--batch", type=at_least(1), default=8)
@@ -566,7 +603,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens every decode run generates")
     p.add_argument("--naive-decode-samples", type=at_least(1), default=2)
-    p.add_argument("--modes", type=modes, default=list(MODES))
+    p.add_argument("--modes", type=modes, help="default: all (decode_graph only on CUDA)")
     p.add_argument("--freeze-backbone", action="store_true", help="vision tower requires_grad False")
     p.add_argument("--rope", choices=sorted(ROPE), default="dynamic", help="dynamic = InternVL3-1B's own")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 SXM bf16: 989)")
@@ -579,6 +616,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; returns the emitted lines (header, one per mode, summary)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.modes is None:
+        args.modes = [m for m in MODES if m not in CUDA_ONLY_MODES or args.device.startswith("cuda")]
     torch.manual_seed(args.seed)
     model, ids, params = build_model(args)
     # eos_token_id -1 is unreachable: every decode run generates exactly --new-tokens tokens.
