@@ -375,8 +375,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[dict[str, float], Any]:
-    """Median/min/max wall ms of fn over --iters after --warmup runs, and fn's last result."""
+def timed(fn: Callable[[], Any], args: argparse.Namespace, profile: bool = False) -> tuple[dict[str, Any], Any]:
+    """Median/min/max wall ms of fn over --iters after --warmup runs, and fn's last result.
+
+    With profile (--profile), one more run under torch.profiler adds a "profile" entry.
+    """
     times = []
     for i in range(args.warmup + args.iters):
         _sync(args.device)
@@ -385,8 +388,45 @@ def timed(fn: Callable[[], Any], args: argparse.Namespace) -> tuple[dict[str, fl
         _sync(args.device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    return {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
-            "ms_max": round(max(times), 3)}, result
+    timing: dict[str, Any] = {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
+                              "ms_max": round(max(times), 3)}
+    if profile:
+        timing["profile"] = profile_run(fn, args.device, args.profile_top)
+    return timing, result
+
+
+def profile_run(fn: Callable[[], Any], device: str, top: int) -> dict[str, Any]:
+    """Where one run's time goes: operator and kernel-launch counts, busy GPU time, top ops.
+
+    gpu_busy_ms well below the wall time means the run is bound by host work, not by the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+
+    def device_us(event: Any) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    def ranked(key: Callable[[Any], float]) -> list[list[Any]]:
+        best = sorted((e for e in events if key(e) > 0), key=key, reverse=True)[:top]
+        return [[e.key, round(key(e) / 1e3, 3), e.count] for e in best]
+
+    return {
+        "wall_ms": round(wall, 3),
+        "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+        "kernel_launches": sum(e.count for e in events if "LaunchKernel" in e.key),
+        "gpu_busy_ms": round(sum(device_us(e) for e in events) / 1e3, 3) if cuda else None,
+        "top_cpu_ms": ranked(lambda e: e.self_cpu_time_total),
+        "top_gpu_ms": ranked(device_us) if cuda else None,
+    }
 
 
 def rates(flops: float, ms: float, peak_tflops: float) -> dict[str, float]:
@@ -403,7 +443,7 @@ def train_step(bench: Bench, loss_fn: Callable[[], torch.Tensor], flops: float) 
         loss.backward()
         return loss.detach()
 
-    timing, loss = timed(step, bench.args)
+    timing, loss = timed(step, bench.args, profile=bench.args.profile)
     return {**timing, "loss": float(loss), **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
 
 
@@ -412,7 +452,7 @@ def decode_rates(
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Time generate(--new-tokens) and generate(1) (prefill: image, latents, first token)."""
     n = bench.args.new_tokens
-    timing, tokens = timed(lambda: generate(n), bench.args)
+    timing, tokens = timed(lambda: generate(n), bench.args, profile=bench.args.profile)
     if tokens.shape[1] != n:
         raise RuntimeError(f"decoded {tokens.shape[1]} tokens instead of {n}")
     prefill, _ = timed(lambda: generate(1), bench.args)
@@ -607,6 +647,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--freeze-backbone", action="store_true", help="vision tower requires_grad False")
     p.add_argument("--rope", choices=sorted(ROPE), default="dynamic", help="dynamic = InternVL3-1B's own")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 SXM bf16: 989)")
+    p.add_argument("--profile", action="store_true",
+                   help="add a torch.profiler summary of one more run to each line (op/launch counts, busy GPU ms, top ops)")
+    p.add_argument("--profile-top", type=at_least(1), default=12, help="ops listed in each profile ranking")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the JSON lines here too")
     return p.parse_args(argv)

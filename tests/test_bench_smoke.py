@@ -69,3 +69,16 @@ def test_freeze_backbone_counts_vision_forward_only(smoke, tmp_path):
     coconut = {line["mode"]: line for line in smoke}["coconut"]
     frozen_coconut = {line["mode"]: line for line in frozen}["coconut"]
     assert frozen_coconut["loss"] == pytest.approx(coconut["loss"], rel=1e-6)  # same batch, same weights
+
+
+def test_profile_reports_where_the_time_goes(tmp_path, tiny_model_dir):
+    """--profile adds op counts and top ops; the latent passes show up as extra operators."""
+    lines = main([*SMALL, "--modes", "sft,coconut", "--profile", "--profile-top", "3"])
+    profiles = {line["mode"]: line["profile"] for line in lines if "profile" in line}
+    assert profiles.keys() == {"sft", "coconut"}
+    for prof in profiles.values():
+        assert prof["wall_ms"] > 0 and prof["gpu_busy_ms"] is None and prof["top_gpu_ms"] is None
+        assert 1 <= len(prof["top_cpu_ms"]) <= 3
+        for name, ms, count in prof["top_cpu_ms"]:
+            assert isinstance(name, str) and ms > 0 and count >= 1
+    assert profiles["coconut"]["aten_ops"] > profiles["sft"]["aten_ops"] > 0
