@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from greedy_decode import (
+from decoder_steps import (
     CacheGreedyDecoder,
     GreedyDecoder,
     PromptState,
+    LatentStepper,
     StaticGreedyDecoder,
     capture_cuda_graph,
-    supports_static_decode,
 )
 from hf_compat import cache_keyword
 
@@ -92,6 +92,12 @@ class CausalLMAdapter:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 
+    def latent_stepper(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> LatentStepper | None:
+        """The one-token latent passes' fast path for this batch, where the decoder allows (decoder_steps.py)."""
+        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids)
+
     def greedy_decoder(
         self,
         prompt: PromptState,
@@ -99,9 +105,12 @@ class CausalLMAdapter:
         eos_token_id: int,
         pad_token_id: int,
     ) -> GreedyDecoder:
-        """Decoding state after the prompt: static buffers where the decoder allows (greedy_decode.py)."""
-        if supports_static_decode(self.decoder):
-            return StaticGreedyDecoder(self.decoder, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id)
+        """Decoding state after the prompt: static buffers where the decoder allows (decoder_steps.py)."""
+        static = StaticGreedyDecoder.create(
+            self.decoder, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id
+        )
+        if static is not None:
+            return static
         return CacheGreedyDecoder(self.decode, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id)
 
 
@@ -265,6 +274,8 @@ class Coconut(nn.Module):
         cache = DynamicCache()
         hiddens: list[torch.Tensor] = []
         length = embeds.shape[1]
+        # Passes 1..n-1 are one column each: driven layer by layer where the decoder allows.
+        stepper = self.adapter.latent_stepper(embeds, attention_mask, position_ids) if layout.n_passes > 1 else None
         start = 0
         for p in range(layout.n_passes + 1):
             end = length if p == layout.n_passes else layout.column + p
@@ -273,9 +284,10 @@ class Coconut(nn.Module):
                 fill = (layout.counts >= p).view(-1, 1, 1)
                 first = torch.where(fill, hiddens[-1][:, -1:], chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            hiddens.append(
-                self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache)
-            )
+            if stepper is not None and 0 < p < layout.n_passes:
+                hiddens.append(stepper(chunk, start, cache))
+            else:
+                hiddens.append(self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache))
             start = end
         self.gen_forward_cnt += layout.n_passes + 1
         return hiddens, cache

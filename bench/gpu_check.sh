@@ -60,7 +60,7 @@ fi
 if [[ "${TINY:-0}" == 1 ]]; then DECODE_GRAPH=; else DECODE_GRAPH=,decode_graph; fi
 bench 150 --batch 8 --modes vision,sft,coconut,decode$DECODE_GRAPH
 bench 90 --batch 32 --iters 3 --warmup 1 --modes decode$DECODE_GRAPH
-step 120 "$PYTHON" -m pytest -q -rs tests/test_coconut_text.py tests/test_coconut_mm.py tests/test_greedy_decode.py
+step 120 "$PYTHON" -m pytest -q -rs tests/test_coconut_text.py tests/test_coconut_mm.py tests/test_decoder_steps.py
 bench 90 --batch 8 --iters 1 --warmup 1 --profile --modes sft,coconut,decode
 bench 120 --batch 2 --modes sft,coconut,naive,naive_decode
 if ! grep -q '"mode": "naive", "ms_median"' "$JSONL" 2>/dev/null; then

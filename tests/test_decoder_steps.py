@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from coconut import Coconut
 from dataset import MyCollator
-from greedy_decode import CacheGreedyDecoder, StaticGreedyDecoder, supports_static_decode
-from tests.test_coconut_text import END, EOS, LATENT, PAD, START, VOCAB, prompts, strip, tiny_lm
+from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
+from latent_checkpoint import enable_latent_checkpointing
+from tests.test_coconut_text import END, EOS, LATENT, PAD, START, VOCAB, prompts, sample, strip, tiny_lm
+
+
+# Operators that hand a tensor value to the host: on a GPU each one waits for the queue to drain.
+HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operators in HOST_READS run inside the context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def dynamic_rope_lm(seed: int):
+    """tiny_lm with InternVL3-1B's dynamic RoPE, whose per-call path reads the length back to the host."""
+    model = tiny_lm(seed)
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    return type(model)(model.config).eval()
 
 
 def padded_prompts() -> dict:
@@ -26,13 +51,10 @@ def run(decoder, steps: int) -> None:
 @pytest.mark.parametrize("rope", ["default", "dynamic"])
 def test_static_decoder_equals_cache_decoder(rope):
     """Same tokens, and the K/V each step writes equal the DynamicCache's, on a left-padded batch."""
-    model = tiny_lm(seed=5)
-    if rope == "dynamic":  # InternVL3-1B's RoPE: the per-call path syncs to check the length
-        model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-        model = type(model)(model.config).eval()
+    model = dynamic_rope_lm(seed=5) if rope == "dynamic" else tiny_lm(seed=5)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     adapter = coconut.adapter
-    assert supports_static_decode(adapter.decoder)
+    assert drivable(adapter.decoder)
     batch = padded_prompts()
     steps, new = 10, 11
     with torch.no_grad():
@@ -74,7 +96,7 @@ def test_decoders_without_rotary_layers_use_the_general_path():
     """GPT-2 (learned positions, no rotary_emb): batched generation still equals one by one."""
     model = tiny_gpt2()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    assert not supports_static_decode(coconut.adapter.decoder)
+    assert not drivable(coconut.adapter.decoder)
     collate = MyCollator(PAD, LATENT)
     feats = prompts()
     batch = collate(feats)
@@ -107,3 +129,34 @@ def test_cuda_graph_decoding_equals_eager(dtype):
         again = coconut.generate(**batch, max_new_tokens=12, cuda_graph=True)
     assert torch.equal(eager, graphed)
     assert torch.equal(graphed, again)
+
+
+def test_generation_with_latent_checkpointing_equals_without():
+    """Checkpointed layers (wrapped forward) still receive the cache in the direct layer calls."""
+    batch = MyCollator(PAD, LATENT)(prompts())
+    batch.pop("idx")
+    plain = Coconut(tiny_lm(seed=10), LATENT, START, END, EOS, pad_token_id=PAD)
+    wrapped_model = tiny_lm(seed=10)
+    enable_latent_checkpointing(wrapped_model.model.layers)
+    wrapped = Coconut(wrapped_model, LATENT, START, END, EOS, pad_token_id=PAD)
+    assert torch.equal(plain.generate(**batch, max_new_tokens=8), wrapped.generate(**batch, max_new_tokens=8))
+
+
+def test_host_reads_per_step_do_not_grow_with_latents():
+    """Latent passes and decode steps never wait for the device: the per-forward reads stay fixed."""
+    model = dynamic_rope_lm(seed=11)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    collate = MyCollator(PAD, LATENT)
+    reads = []
+    for n in (2, 5):
+        batch = collate([sample([5, 6, 7], n, [10, 11, EOS]), sample([8, 9], n, [12, EOS])])
+        batch.pop("idx")
+        with HostReads() as counter:
+            coconut(**batch).loss.backward()
+        reads.append(counter.count)
+    assert reads[0] == reads[1] > 0
+    with torch.no_grad():
+        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(**padded_prompts()), 6, EOS, PAD)
+        with HostReads() as counter:
+            run(decoder, 5)
+    assert counter.count == 0

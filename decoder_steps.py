@@ -1,17 +1,20 @@
-"""Greedy decoding on preallocated KV buffers: one fixed-shape step per new token.
+"""One-token steps through a decoder's layers, without the decoder's forward.
 
-For a one-token step, the work around the kernels is the whole cost on a GPU, and transformers'
+For a one-token step the work around the kernels is the whole cost on a GPU, and transformers'
 decoder forward does a lot of it per call: it rebuilds the attention mask, re-evaluates RoPE
-(dynamic RoPE, as in InternVL3-1B, syncs with the host to check the length) and grows a
-DynamicCache with torch.cat. Here the prompt's K/V, after the latent passes, are copied once into
-buffers sized for the whole generation; RoPE cos/sin for every new position are computed once;
-each step calls the decoder layers directly with a mask derived on the device from a step
-counter, and picks the next token on the device. A step therefore has no host sync and the same
-shapes and addresses every time: steps queue up without waiting for the GPU, and the step can be
-captured and replayed as a CUDA graph.
+(dynamic RoPE, as in InternVL3-1B, syncs with the host to check the length) and, for decoding,
+grows a DynamicCache with torch.cat. For decoders built like Llama/Qwen2 (`layers`, `norm`,
+`rotary_emb`, full attention) the steps here call the layers directly, with RoPE cos/sin for
+every position computed once and the mask sliced or derived on the device:
 
-Used for decoders built like Llama/Qwen2 (`layers`, `norm`, `rotary_emb`, full attention);
-coconut.Coconut falls back to the decoder's own forward for anything else.
+- LatentStepper: COCONUT's one-token latent passes in training and in the prompt, on the shared
+  DynamicCache (autograd flows through it as before), with no host sync per pass.
+- StaticGreedyDecoder: greedy decoding on K/V buffers preallocated for the whole generation; the
+  next token is picked on the device, so a step has no host sync and the same shapes and
+  addresses every time. Steps queue without waiting for the GPU and can be replayed as one
+  captured CUDA graph (capture_cuda_graph).
+
+coconut.Coconut falls back to the decoder's own forward for any other decoder.
 """
 
 from __future__ import annotations
@@ -37,13 +40,62 @@ class PromptState:
     logits: torch.Tensor  # [B, vocab] at each prompt's last real position
 
 
-def supports_static_decode(decoder: nn.Module) -> bool:
+def drivable(decoder: nn.Module) -> bool:
     """Whether the decoder's layers can be driven directly: rotary positions, full causal attention."""
     config = getattr(decoder, "config", None)
     if not all(hasattr(decoder, name) for name in ("layers", "norm", "rotary_emb")) or config is None:
         return False
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     return not getattr(config, "use_sliding_window", False) and set(layer_types) == {"full_attention"}
+
+
+def rope_table(decoder: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RoPE cos/sin [B, T, D] for all positions at once, in like's dtype, as the per-call path gives them.
+
+    Dynamic RoPE picks its frequencies from the longest position of each call; below the original
+    context length (InternVL3-1B: 32768) that is always the original set, so one table serves
+    every step. None where that does not hold (or for RoPE kinds that vary otherwise).
+    """
+    rotary = decoder.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if not isinstance(rope_type, str) or rope_type == "longrope":
+        return None
+    if "dynamic" in rope_type and int(positions.max()) + 1 >= rotary.original_max_seq_len:
+        return None
+    return rotary(like, positions)
+
+
+def run_layers(
+    decoder: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, cache: object, cache_kw: str
+) -> torch.Tensor:
+    """The decoder's layers and final norm on new positions whose past K/V are in cache."""
+    for layer in decoder.layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{cache_kw: cache})
+    return decoder.norm(hidden)
+
+
+class LatentStepper:
+    """One-token passes at given columns of a batch, on the batch's DynamicCache.
+
+    Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True = attend).
+    """
+
+    def __init__(self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor) -> None:
+        self.decoder = decoder
+        self.cos, self.sin = rope
+        self.mask = attention_mask.bool()[:, None, None, :]
+        self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
+
+    @classmethod
+    def create(cls, decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> LatentStepper | None:
+        """A stepper for this batch, or None where the layers cannot be driven directly."""
+        rope = rope_table(decoder, embeds, position_ids) if drivable(decoder) else None
+        return None if rope is None else cls(decoder, rope, attention_mask)
+
+    def __call__(self, hidden: torch.Tensor, column: int, cache: DynamicCache) -> torch.Tensor:
+        """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""
+        rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
+        return run_layers(self.decoder, hidden, rope, self.mask[..., : column + 1], cache, self.cache_kw)
 
 
 class StaticKV:
@@ -136,6 +188,7 @@ class StaticGreedyDecoder(GreedyDecoder):
         decoder: nn.Module,
         embed_tokens: Callable[[torch.Tensor], torch.Tensor],
         head: Callable[[torch.Tensor], torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
         prompt: PromptState,
         max_new_tokens: int,
         eos_token_id: int,
@@ -148,23 +201,41 @@ class StaticGreedyDecoder(GreedyDecoder):
         total = prompt_len + max_new_tokens
         self.decoder, self.embed_tokens, self.head = decoder, embed_tokens, head
         self.prompt_len = prompt_len
-        self.cache_kw = cache_keyword(decoder.layers[0].forward)
+        self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
         self.column = torch.full((1,), prompt_len, dtype=torch.long, device=device)
         self.cache = StaticKV(prompt.cache, len(decoder.layers), total, self.column)
         self.valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1)
         self.cols = torch.arange(total, device=device)
-        positions = prompt.next_pos[:, None] + torch.arange(max_new_tokens, device=device)
-        # RoPE for every new position at once; cos/sin come back in the dtype of the embeddings.
-        self.cos, self.sin = decoder.rotary_emb(embed_tokens(self.tokens[:, :1]), positions)
+        self.cos, self.sin = rope  # [B, max_new_tokens, D]: new token t sits at position next_pos + t
+
+    @classmethod
+    def create(
+        cls,
+        decoder: nn.Module,
+        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
+        head: Callable[[torch.Tensor], torch.Tensor],
+        prompt: PromptState,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> StaticGreedyDecoder | None:
+        """A decoder for this prompt, or None where the layers cannot be driven directly."""
+        if not drivable(decoder):
+            return None
+        positions = prompt.next_pos[:, None] + torch.arange(max_new_tokens, device=prompt.next_pos.device)
+        like = embed_tokens(prompt.logits.argmax(-1)[:, None])  # the embeddings' dtype and device
+        rope = rope_table(decoder, like, positions)
+        if rope is None:
+            return None
+        return cls(decoder, embed_tokens, head, rope, prompt, max_new_tokens, eos_token_id, pad_token_id)
 
     def step(self) -> None:
         t = self.column - self.prompt_len  # index of the token fed in
         hidden = self.embed_tokens(self.tokens.index_select(1, t))
         rope = (self.cos.index_select(1, t), self.sin.index_select(1, t))
         mask = (self.valid & (self.cols <= self.column))[:, None, None, :]
-        for layer in self.decoder.layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, use_cache=True, **{self.cache_kw: self.cache})
-        self._emit(self.head(self.decoder.norm(hidden)[:, -1]), t + 1)
+        hidden = run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
+        self._emit(self.head(hidden[:, -1]), t + 1)
         self.column.add_(1)
 
 
