@@ -81,16 +81,28 @@ def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
 def shard(wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, dtype: torch.dtype | None) -> None:
     """fully_shard each decoder layer and vision layer, then the Coconut wrapper as the root.
 
-    Decoder layers keep their parameters gathered between the n+1 latent passes of a step
-    (reshard_after_forward=False halves all-gathers); vision layers run once and reshard.
-    Gradients are reduced in fp32 under bf16/fp16 compute.
+    A step runs every decoder layer n+1 times (the latent passes), forward and backward. Decoder
+    layers therefore stay gathered for the whole step: reshard_after_forward=False keeps them
+    between the forward passes, and reshard_after_backward=False between the backward passes
+    (FSDP2 would otherwise free them after each pass's backward and all-gather them again for the
+    next: n extra all-gathers per layer per step). release_gathered() frees them before the
+    optimizer updates the shards. Vision layers run once and reshard. Gradients are reduced in
+    fp32 under bf16/fp16 compute.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for layer in decoder_layers:
         fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
+        layer.set_reshard_after_backward(False)
     for layer in vision_layers or []:
         fully_shard(layer, mp_policy=policy)
     fully_shard(wrapper, mp_policy=policy)
     register_fsdp_forward_method(wrapper, "generate")
+
+
+def release_gathered(decoder_layers: nn.ModuleList) -> None:
+    """Free the decoder layers' gathered parameters; due before each optimizer step, since a
+    layer that is still gathered would not all-gather the updated shards in the next forward."""
+    for layer in decoder_layers:
+        layer.reshard()

@@ -26,7 +26,16 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from coconut import Coconut
 from dataset import MyCollator, drop_overlong, get_cot_latent_dataset, get_question_latent_dataset, load_records, tokenize_records
-from distributed import DistInfo, all_reduce_sum, barrier, init_distributed, mixed_precision_dtype, shard, shutdown
+from distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    mixed_precision_dtype,
+    release_gathered,
+    shard,
+    shutdown,
+)
 from evaluation import generation_accuracy, to_device, validation_loss
 from latent_checkpoint import enable_latent_checkpointing
 from model_setup import add_latent_tokens, check_image_size, freeze, load_base_model, load_processor, tokenizer_of
@@ -119,7 +128,7 @@ class Run:
         decoder_layers = base.get_decoder().layers
         if config.activation_checkpointing:
             enable_latent_checkpointing(decoder_layers)
-        self.base = base
+        self.base, self.decoder_layers = base, decoder_layers
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id).to(info.device)
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
@@ -248,6 +257,8 @@ class Run:
                 step_loss = out.loss.detach().double() * n_global / info.world_size
                 loss_sum += torch.stack([step_loss, n_labels])
                 if last_micro:
+                    if info.distributed:
+                        release_gathered(self.decoder_layers)
                     lr = self._optimizer_step(optimizer, total_steps)
                     if self.state.step % config.log_every == 0:
                         self._log_step(out, step_loss, n_global, lr, epoch, window_start, window_tokens, window_samples, bar)

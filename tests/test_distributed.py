@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -43,3 +44,17 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
     for k in wa:
         if not k.endswith(ZERO_GRADIENT_SUFFIX):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
+    """The n+1 latent passes run forward and backward without re-gathering the decoder layers."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "tests.fsdp_collectives_worker"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = json.loads(result.stdout.strip().splitlines()[-1])
+    assert calls["0"] == calls["2"] == calls["5"], calls
+    gathers = sum(v for k, v in calls["5"].items() if "all_gather" in k)
+    assert gathers == 2 + 1  # two decoder layers and the root, once each
