@@ -43,6 +43,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_acc: float = 0.0
+    train_loss: float | None = None  # of the last completed epoch, for its metrics line
 
 
 def complete_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:

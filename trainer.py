@@ -45,6 +45,7 @@ from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_re
 from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclasses.dataclass
@@ -80,6 +81,7 @@ class Run:
         self.state = ckpt.TrainState(epoch=config.resume)
         self.resume_from: Path | None = None
         self.metrics: list[dict[str, Any]] = []
+        self.unevaluated = False  # the resumed checkpoint's epoch has no metrics line yet
 
     # --- set-up -------------------------------------------------------------------------------
     def _find_resume(self) -> None:
@@ -94,6 +96,24 @@ class Run:
         if self.resume_from is not None:
             self.state = ckpt.read_state(self.resume_from)
             self._print(f"resuming from {self.resume_from} (epoch {self.state.epoch}); the `resume` key is ignored")
+            self._restore_metrics()
+
+    def _restore_metrics(self) -> None:
+        """Keep metrics.jsonl's lines up to the resumed epoch: later epochs are re-run and re-reported.
+
+        A kill can cut the last line short, and lands between a checkpoint's save and its epoch's
+        evaluation (the original's order) often enough that `unevaluated` makes the resumed run
+        evaluate that epoch first, so no epoch goes without its line.
+        """
+        path = self.save_dir / METRICS_FILE
+        kept = [r for r in read_metrics(path) if r["epoch"] <= self.state.epoch]
+        self.metrics = kept
+        self.unevaluated = self.state.epoch > 0 and all(r["epoch"] != self.state.epoch for r in kept)
+        barrier()  # every rank has read the file before rank 0 replaces it
+        if self.info.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
 
     def _model_dir(self) -> str:
         config = self.config
@@ -168,28 +188,38 @@ class Run:
         self.collate = self._collator()
         self.logger = _init_wandb(config, self.info)
         optimizer = None
+        if self.unevaluated:
+            done = self.state.epoch
+            record = {"epoch": done, "stage": config.stage(done - 1), "train_loss": self.state.train_loss}
+            self.state.best_acc = max(self.state.best_acc, self._evaluate(record))
         for epoch in range(self.state.epoch, config.num_epochs):
             stage = config.stage(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "stage": stage}
             if not config.only_eval:
                 optimizer = self._optimizer_for(epoch, optimizer)
-                record["train_loss"] = self._train_epoch(epoch, stage, optimizer)
+                record["train_loss"] = self.state.train_loss = self._train_epoch(epoch, stage, optimizer)
                 self.state.epoch = epoch + 1
                 if not config.save_only_improve:
                     self._save(optimizer)
-            record["val_loss"] = self._val_loss(stage)
-            result = self._generate(stage)
-            record.update(accuracy=result.accuracy, cot_match=result.cot_match, correct=result.correct, total=result.total)
-            self._report(record, result.examples)
+            accuracy = self._evaluate(record)
             if config.only_eval:
                 break
-            if config.save_only_improve and result.accuracy > self.state.best_acc:
-                self.state.best_acc = result.accuracy
+            if config.save_only_improve and accuracy > self.state.best_acc:
+                self.state.best_acc = accuracy
                 self._save(optimizer)
-            self.state.best_acc = max(self.state.best_acc, result.accuracy)
+            self.state.best_acc = max(self.state.best_acc, accuracy)
         if self.logger is not None:
             self.logger.finish()
         return {"epochs": self.metrics, "save_dir": str(self.save_dir)}
+
+    def _evaluate(self, record: dict[str, Any]) -> float:
+        """Validation loss and generation accuracy at the record's stage, reported; returns the accuracy."""
+        stage = record["stage"]
+        record["val_loss"] = self._val_loss(stage)
+        result = self._generate(stage)
+        record.update(accuracy=result.accuracy, cot_match=result.cot_match, correct=result.correct, total=result.total)
+        self._report(record, result.examples)
+        return result.accuracy
 
     def _optimizer_for(self, epoch: int, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
         """A fresh AdamW at the start, and at each new stage with reset_optimizer; resumed state otherwise."""
@@ -334,12 +364,27 @@ class Run:
         if self.logger is not None:
             self.logger.log({f"eval/{k}": v for k, v in record.items()}, step=self.state.step)
         if self.writes:
-            with open(self.save_dir / "metrics.jsonl", "a") as f:
+            with open(self.save_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def _print(self, text: str) -> None:
         if self.info.is_main:
             tqdm.write(text)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics.jsonl (none if it is missing); a line a kill cut short is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
 
 
 def _init_wandb(config: Config, info: DistInfo) -> Any:

@@ -379,7 +379,21 @@ def test_kill_9_at_a_random_moment_then_rerun_equals_uninterrupted(tmp_path, tin
     assert [e for e, _ in ckpt.complete_checkpoints(save_dir)] == [1, 2, 3, 4]
     assert not [p for p in save_dir.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
     assert_same_weights(save_dir / "checkpoint_4", straight / "checkpoint_4")
-    assert metrics(save_dir)[-1]["epoch"] == 4  # metrics.jsonl still parses line by line
+    assert metrics(save_dir) == metrics(straight)  # every epoch's line once, whenever the kill came
+
+
+def test_kill_between_save_and_eval_loses_no_metrics_line(tmp_path, tiny_model_dir, straight, capsys):
+    """Checkpoint 2 saved, its eval never reported, the last line cut short: the rerun fills the gap."""
+    save_dir = tmp_path / "checkpoints" / "gap"
+    for epoch in (1, 2):
+        shutil.copytree(straight / f"checkpoint_{epoch}", save_dir / f"checkpoint_{epoch}")
+    first, second = (straight / "metrics.jsonl").read_text().splitlines()[:2]
+    (save_dir / "metrics.jsonl").write_text(first + "\n" + second[: len(second) // 2])
+    config = demo_config(tmp_path, tiny_model_dir, name="gap", **RUN_KEYS)
+    assert run.main([str(config)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert metrics(save_dir) == metrics(straight)
+    assert_same_weights(save_dir / "checkpoint_4", straight / "checkpoint_4")
 
 
 def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_model_dir, straight, capsys):
