@@ -106,12 +106,10 @@ class CausalLMAdapter:
         pad_token_id: int,
     ) -> GreedyDecoder:
         """Decoding state after the prompt: static buffers where the decoder allows (decoder_steps.py)."""
-        static = StaticGreedyDecoder.create(
-            self.decoder, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id
-        )
+        static = StaticGreedyDecoder.create(self, prompt, max_new_tokens, eos_token_id, pad_token_id)
         if static is not None:
             return static
-        return CacheGreedyDecoder(self.decode, self.embed_tokens, self.head, prompt, max_new_tokens, eos_token_id, pad_token_id)
+        return CacheGreedyDecoder(self, prompt, max_new_tokens, eos_token_id, pad_token_id)
 
 
 class InternVLAdapter(CausalLMAdapter):

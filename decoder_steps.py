@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -127,6 +127,18 @@ def _extend(past: torch.Tensor, total_len: int) -> torch.Tensor:
     return buffer
 
 
+class LanguageModel(Protocol):
+    """What the decoders need of coconut's model adapter."""
+
+    decoder: nn.Module
+
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor: ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
 class GreedyDecoder:
     """Greedy decoding state in fixed device buffers: the tokens so far and which samples are done.
 
@@ -135,12 +147,13 @@ class GreedyDecoder:
     emitted eos. No step reads anything back to the host.
     """
 
-    def __init__(self, first_logits: torch.Tensor, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
-        batch = first_logits.shape[0]
+    def __init__(self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
+        batch, device = prompt.logits.shape[0], prompt.logits.device
+        self.lm, self.prompt = lm, prompt
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=first_logits.device)
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=first_logits.device)
-        self._emit(first_logits, torch.zeros(1, dtype=torch.long, device=first_logits.device))
+        self.tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._emit(prompt.logits, torch.zeros(1, dtype=torch.long, device=device))
 
     def _emit(self, logits: torch.Tensor, t: torch.Tensor) -> None:
         """Write the greedy token for position t (a one-element device tensor), pad if finished."""
@@ -153,30 +166,19 @@ class GreedyDecoder:
 
 
 class CacheGreedyDecoder(GreedyDecoder):
-    """Any decoder through its own forward and a growing DynamicCache (the general path)."""
+    """Any decoder through its own forward and the prompt's growing DynamicCache (the general path)."""
 
-    def __init__(
-        self,
-        decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor],
-        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
-        head: Callable[[torch.Tensor], torch.Tensor],
-        prompt: PromptState,
-        max_new_tokens: int,
-        eos_token_id: int,
-        pad_token_id: int,
-    ) -> None:
-        super().__init__(prompt.logits, max_new_tokens, eos_token_id, pad_token_id)
-        self.decode, self.embed_tokens, self.head, self.cache = decode, embed_tokens, head, prompt.cache
-        self.attention_mask, self.next_pos = prompt.attention_mask, prompt.next_pos
+    def __init__(self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
+        super().__init__(lm, prompt, max_new_tokens, eos_token_id, pad_token_id)
+        self.attention_mask = prompt.attention_mask
         self.t = 0
 
     def step(self) -> None:
-        t = self.t
-        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(self.attention_mask.shape[0], 1)], 1)
-        hidden = self.decode(
-            self.embed_tokens(self.tokens[:, t : t + 1]), self.attention_mask, self.next_pos[:, None] + t, self.cache
-        )
-        self._emit(self.head(hidden[:, -1]), torch.full((1,), t + 1, device=self.tokens.device))
+        t, mask = self.t, self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        positions = self.prompt.next_pos[:, None] + t
+        hidden = self.lm.decode(self.lm.embed_tokens(self.tokens[:, t : t + 1]), self.attention_mask, positions, self.prompt.cache)
+        self._emit(self.lm.head(hidden[:, -1]), torch.full((1,), t + 1, device=self.tokens.device))
         self.t += 1
 
 
@@ -185,57 +187,48 @@ class StaticGreedyDecoder(GreedyDecoder):
 
     def __init__(
         self,
-        decoder: nn.Module,
-        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
-        head: Callable[[torch.Tensor], torch.Tensor],
+        lm: LanguageModel,
         rope: tuple[torch.Tensor, torch.Tensor],
         prompt: PromptState,
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
     ) -> None:
-        super().__init__(prompt.logits, max_new_tokens, eos_token_id, pad_token_id)
+        super().__init__(lm, prompt, max_new_tokens, eos_token_id, pad_token_id)
         attention_mask = prompt.attention_mask
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
         total = prompt_len + max_new_tokens
-        self.decoder, self.embed_tokens, self.head = decoder, embed_tokens, head
+        self.decoder = lm.decoder
         self.prompt_len = prompt_len
-        self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
+        self.cache_kw = cache_keyword(type(self.decoder.layers[0]).forward)
         self.column = torch.full((1,), prompt_len, dtype=torch.long, device=device)
-        self.cache = StaticKV(prompt.cache, len(decoder.layers), total, self.column)
+        self.cache = StaticKV(prompt.cache, len(self.decoder.layers), total, self.column)
         self.valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1)
         self.cols = torch.arange(total, device=device)
         self.cos, self.sin = rope  # [B, max_new_tokens, D]: new token t sits at position next_pos + t
 
     @classmethod
     def create(
-        cls,
-        decoder: nn.Module,
-        embed_tokens: Callable[[torch.Tensor], torch.Tensor],
-        head: Callable[[torch.Tensor], torch.Tensor],
-        prompt: PromptState,
-        max_new_tokens: int,
-        eos_token_id: int,
-        pad_token_id: int,
+        cls, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int
     ) -> StaticGreedyDecoder | None:
         """A decoder for this prompt, or None where the layers cannot be driven directly."""
-        if not drivable(decoder):
+        if not drivable(lm.decoder):
             return None
         positions = prompt.next_pos[:, None] + torch.arange(max_new_tokens, device=prompt.next_pos.device)
-        like = embed_tokens(prompt.logits.argmax(-1)[:, None])  # the embeddings' dtype and device
-        rope = rope_table(decoder, like, positions)
+        like = lm.embed_tokens(prompt.logits.argmax(-1)[:, None])  # the embeddings' dtype and device
+        rope = rope_table(lm.decoder, like, positions)
         if rope is None:
             return None
-        return cls(decoder, embed_tokens, head, rope, prompt, max_new_tokens, eos_token_id, pad_token_id)
+        return cls(lm, rope, prompt, max_new_tokens, eos_token_id, pad_token_id)
 
     def step(self) -> None:
         t = self.column - self.prompt_len  # index of the token fed in
-        hidden = self.embed_tokens(self.tokens.index_select(1, t))
+        hidden = self.lm.embed_tokens(self.tokens.index_select(1, t))
         rope = (self.cos.index_select(1, t), self.sin.index_select(1, t))
         mask = (self.valid & (self.cols <= self.column))[:, None, None, :]
         hidden = run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
-        self._emit(self.head(hidden[:, -1]), t + 1)
+        self._emit(self.lm.head(hidden[:, -1]), t + 1)
         self.column.add_(1)
 
 
@@ -260,7 +253,8 @@ def capture_cuda_graph(decoder: StaticGreedyDecoder) -> None:
         if torch.is_autocast_enabled("cuda")
         else contextlib.nullcontext()
     )
-    with torch.cuda.graph(graph), cast:
+    # thread_local: a DataLoader's pin-memory thread may use CUDA while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), cast:
         decoder.step()
     for buf, value in zip((decoder.tokens, decoder.finished, decoder.column), saved):
         buf.copy_(value)

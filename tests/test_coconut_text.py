@@ -148,19 +148,22 @@ def strip(tokens: torch.Tensor) -> list[int]:
     return out
 
 
-def test_batched_generation_equals_one_by_one():
-    model = tiny_lm(seed=3)
-    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+def assert_batched_equals_one_by_one(coconut: Coconut, max_new_tokens: int) -> None:
+    """Each prompt's tokens from a left-padded batch equal generating it alone."""
     collate = MyCollator(PAD, LATENT)
     feats = prompts()
     batch = collate(feats)
     batch.pop("idx")
-    batched = coconut.generate(**batch, max_new_tokens=12)
+    batched = coconut.generate(**batch, max_new_tokens=max_new_tokens)
     for i, f in enumerate(feats):
         one = collate([f])
         one.pop("idx")
-        alone = coconut.generate(**one, max_new_tokens=12)
+        alone = coconut.generate(**one, max_new_tokens=max_new_tokens)
         assert strip(batched[i]) == strip(alone[0]), i
+
+
+def test_batched_generation_equals_one_by_one():
+    assert_batched_equals_one_by_one(Coconut(tiny_lm(seed=3), LATENT, START, END, EOS, pad_token_id=PAD), max_new_tokens=12)
 
 
 def test_generation_equals_naive_greedy_without_cache():

@@ -11,7 +11,18 @@ from coconut import Coconut
 from dataset import MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
 from latent_checkpoint import enable_latent_checkpointing
-from tests.test_coconut_text import END, EOS, LATENT, PAD, START, VOCAB, prompts, sample, strip, tiny_lm
+from tests.test_coconut_text import (
+    END,
+    EOS,
+    LATENT,
+    PAD,
+    START,
+    VOCAB,
+    assert_batched_equals_one_by_one,
+    prompts,
+    sample,
+    tiny_lm,
+)
 
 
 # Operators that hand a tensor value to the host: on a GPU each one waits for the queue to drain.
@@ -62,12 +73,12 @@ def test_static_decoder_equals_cache_decoder(rope):
         assert isinstance(static, StaticGreedyDecoder)
         run(static, steps)
         prompt = coconut.encode_prompt(**batch)
-        general = CacheGreedyDecoder(adapter.decode, adapter.embed_tokens, adapter.head, prompt, new, EOS, PAD)
+        general = CacheGreedyDecoder(adapter, prompt, new, EOS, PAD)
         run(general, steps)
     assert torch.equal(static.tokens, general.tokens)
     assert torch.equal(static.finished, general.finished)
     start = batch["input_ids"].shape[1]
-    for idx, layer in enumerate(general.cache.layers):
+    for idx, layer in enumerate(general.prompt.cache.layers):
         for ours, theirs in ((static.cache.keys[idx], layer.keys), (static.cache.values[idx], layer.values)):
             torch.testing.assert_close(ours[:, :, : start + steps], theirs, rtol=1e-5, atol=1e-6)
 
@@ -97,15 +108,7 @@ def test_decoders_without_rotary_layers_use_the_general_path():
     model = tiny_gpt2()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     assert not drivable(coconut.adapter.decoder)
-    collate = MyCollator(PAD, LATENT)
-    feats = prompts()
-    batch = collate(feats)
-    batch.pop("idx")
-    batched = coconut.generate(**batch, max_new_tokens=8)
-    for i, f in enumerate(feats):
-        one = collate([f])
-        one.pop("idx")
-        assert strip(batched[i]) == strip(coconut.generate(**one, max_new_tokens=8)[0]), i
+    assert_batched_equals_one_by_one(coconut, max_new_tokens=8)
 
 
 def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
