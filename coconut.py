@@ -370,6 +370,8 @@ class Coconut(nn.Module):
         (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph replays
         each token step as one captured CUDA graph (one process, CUDA, a Llama/Qwen2-style decoder).
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         synced = synced_gpus or self.synced_gpus
         prompt = self.encode_prompt(input_ids, attention_mask, pixel_values, num_patches_list, position_ids, synced)
         decoder = self.adapter.greedy_decoder(prompt, max_new_tokens, self.eos_token_id, self.pad_token_id)
