@@ -24,8 +24,8 @@ from transformers import DynamicCache
 from decoder_steps import (
     CacheGreedyDecoder,
     GreedyDecoder,
-    PromptState,
     LatentStepper,
+    PromptState,
     StaticGreedyDecoder,
     capture_cuda_graph,
 )
