@@ -93,10 +93,10 @@ class CausalLMAdapter:
         return self.model.get_output_embeddings()(hidden)
 
     def latent_stepper(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compiled: bool = False
     ) -> LatentStepper | None:
         """The one-token latent passes' fast path for this batch, where the decoder allows (decoder_steps.py)."""
-        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids)
+        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids, compiled)
 
     def greedy_decoder(
         self,
@@ -227,6 +227,8 @@ class Coconut(nn.Module):
         self.adapter = make_adapter(base_causallm)
         # Set by the trainer when several ranks run FSDP: every rank then runs the same passes.
         self.synced_gpus = False
+        # torch.compile the one-token latent passes of training steps (decoder_steps.LatentStepper).
+        self.compile_latent_passes = False
         self.gen_forward_cnt = 0
 
     # ------------------------------------------------------------------------------------------
@@ -273,7 +275,11 @@ class Coconut(nn.Module):
         hiddens: list[torch.Tensor] = []
         length = embeds.shape[1]
         # Passes 1..n-1 are one column each: driven layer by layer where the decoder allows.
-        stepper = self.adapter.latent_stepper(embeds, attention_mask, position_ids) if layout.n_passes > 1 else None
+        stepper = (
+            self.adapter.latent_stepper(embeds, attention_mask, position_ids, self.compile_latent_passes)
+            if layout.n_passes > 1
+            else None
+        )
         start = 0
         for p in range(layout.n_passes + 1):
             end = length if p == layout.n_passes else layout.column + p

@@ -8,7 +8,8 @@ grows a DynamicCache with torch.cat. For decoders built like Llama/Qwen2 (`layer
 every position computed once and the mask sliced or derived on the device:
 
 - LatentStepper: COCONUT's one-token latent passes in training and in the prompt, on the shared
-  DynamicCache (autograd flows through it as before), with no host sync per pass.
+  DynamicCache (autograd flows through it as before), with no host sync per pass; optionally
+  compiled (Coconut.compile_latent_passes).
 - StaticGreedyDecoder: greedy decoding on K/V buffers preallocated for the whole generation; the
   next token is picked on the device, so a step has no host sync and the same shapes and
   addresses every time. Steps queue without waiting for the GPU and can be replayed as one
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -74,28 +77,40 @@ def run_layers(
     return decoder.norm(hidden)
 
 
+@functools.cache
+def _compiled_run_layers() -> Callable[..., torch.Tensor]:
+    """run_layers under torch.compile, built on first use. dynamic=True: one graph serves every
+    pass and batch (the cached length varies); the cache object is traced, not guarded per length."""
+    return torch.compile(run_layers, dynamic=True)
+
+
 class LatentStepper:
     """One-token passes at given columns of a batch, on the batch's DynamicCache.
 
     Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True = attend).
+    With compiled, passes that record gradients run the layers through torch.compile (fused
+    kernels: less host work per pass); passes without gradients stay eager and need no compile.
     """
 
-    def __init__(self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor) -> None:
+    def __init__(self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor, compiled: bool) -> None:
         self.decoder = decoder
         self.cos, self.sin = rope
         self.mask = attention_mask.bool()[:, None, None, :]
         self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
+        self.run = _compiled_run_layers() if compiled and torch.is_grad_enabled() else run_layers
 
     @classmethod
-    def create(cls, decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> LatentStepper | None:
+    def create(
+        cls, decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compiled: bool = False
+    ) -> LatentStepper | None:
         """A stepper for this batch, or None where the layers cannot be driven directly."""
         rope = rope_table(decoder, embeds, position_ids) if drivable(decoder) else None
-        return None if rope is None else cls(decoder, rope, attention_mask)
+        return None if rope is None else cls(decoder, rope, attention_mask, compiled)
 
     def __call__(self, hidden: torch.Tensor, column: int, cache: DynamicCache) -> torch.Tensor:
         """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""
         rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
-        return run_layers(self.decoder, hidden, rope, self.mask[..., : column + 1], cache, self.cache_kw)
+        return self.run(self.decoder, hidden, rope, self.mask[..., : column + 1], cache, self.cache_kw)
 
 
 class StaticKV:

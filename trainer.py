@@ -151,6 +151,7 @@ class Run:
         self.base, self.decoder_layers = base, decoder_layers
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id).to(info.device)
+        model.compile_latent_passes = config.compile_latent_passes
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.bench_step import CUDA_ONLY_MODES, MODES, main
+from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, main
 
 SMALL = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--batch", "2",
          "--tiles", "1", "--question", "8", "--latents", "2", "--answer", "8", "--new-tokens", "4"]
@@ -22,8 +22,9 @@ EXPECTED_KEYS = {
     "decode": DECODE,
     "naive_decode": DECODE | {"match_vs_decode"},
     "decode_graph": DECODE | {"match_vs_decode"},
+    "coconut_compiled": STEP | {"tokens", "passes", "first_step_s"},
 }
-CPU_MODES = [m for m in MODES if m not in CUDA_ONLY_MODES]
+CPU_MODES = [m for m in MODES if m not in CUDA_ONLY_MODES + OPT_IN_MODES]
 
 
 def read_lines(path) -> list[dict]:
@@ -82,3 +83,11 @@ def test_profile_reports_where_the_time_goes(tmp_path, tiny_model_dir):
         for name, ms, count in prof["top_cpu_ms"]:
             assert isinstance(name, str) and ms > 0 and count >= 1
     assert profiles["coconut"]["aten_ops"] > profiles["sft"]["aten_ops"] > 0
+
+
+def test_compiled_mode_measures_the_same_loss(tiny_model_dir):
+    lines = main([*SMALL, "--latents", "3", "--modes", "coconut,coconut_compiled"])
+    by_mode = {line["mode"]: line for line in lines}
+    assert EXPECTED_KEYS["coconut_compiled"] <= by_mode["coconut_compiled"].keys()
+    assert by_mode["coconut_compiled"]["loss"] == pytest.approx(by_mode["coconut"]["loss"], rel=1e-5)
+    assert "coconut_compiled_over_sft_ms" not in by_mode["summary"]  # no sft in this run

@@ -82,6 +82,34 @@ def test_forward_loss_and_grads_equal_reference(checkpointing):
     assert out.thought_norm is not None and out.thought_norm > 0
 
 
+def test_compiled_latent_passes_equal_reference():
+    """compile_latent_passes: same loss, logits and gradients; one graph for every pass and batch."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_lm()
+    batch = mixed_batch()
+    batch.pop("idx")
+    ref_loss, ref_logits = reference_forward(model, LATENT, **batch)
+    ref_loss.backward()
+    ref_grads = grads(model)
+    model.zero_grad()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    coconut.compile_latent_passes = True
+    out = coconut(**batch, return_logits=True)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[mask], ref_logits[mask], rtol=1e-4, atol=1e-5)
+    assert_close_grads(grads(model), ref_grads)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the passes did run compiled
+    other = MyCollator(PAD, LATENT)([sample([5, 6], 2, [10, EOS]), sample([7, 8, 9, 13, 14], 4, [11, 12, EOS])])
+    other.pop("idx")
+    coconut(**other).loss.backward()
+    assert counters["stats"]["unique_graphs"] == graphs  # other lengths and latent counts: no recompile
+
+
 def test_checkpointing_recomputes_in_backward():
     """The checkpointed path really drops activations: backward re-runs each layer's forward."""
     model = tiny_lm()
