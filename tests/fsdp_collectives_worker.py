@@ -8,6 +8,7 @@ JSON line {latents: {collective: calls}}.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 
 import torch
@@ -48,6 +49,11 @@ def main() -> None:
         result[n] = dict(calls)
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
+    # Drop FSDP's state (and the collective handles it keeps) while the process group is alive:
+    # tearing gloo down under them aborts the process now and then.
+    del coconut, model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -53,7 +53,7 @@ def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
          "-m", "tests.fsdp_collectives_worker"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     calls = json.loads(result.stdout.strip().splitlines()[-1])
     assert calls["0"] == calls["2"] == calls["5"], calls
     gathers = sum(v for k, v in calls["5"].items() if "all_gather" in k)
