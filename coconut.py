@@ -93,10 +93,10 @@ class CausalLMAdapter:
         return self.model.get_output_embeddings()(hidden)
 
     def latent_stepper(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compiled: bool = False
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compile_mode: str | None = None
     ) -> LatentStepper | None:
         """The one-token latent passes' fast path for this batch, where the decoder allows (decoder_steps.py)."""
-        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids, compiled)
+        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids, compile_mode)
 
     def greedy_decoder(
         self,
@@ -227,8 +227,9 @@ class Coconut(nn.Module):
         self.adapter = make_adapter(base_causallm)
         # Set by the trainer when several ranks run FSDP: every rank then runs the same passes.
         self.synced_gpus = False
-        # torch.compile the one-token latent passes of training steps (decoder_steps.LatentStepper).
-        self.compile_latent_passes = False
+        # A torch.compile mode ("default", "reduce-overhead") for the one-token latent passes of
+        # training steps (decoder_steps.LatentStepper); None keeps them eager.
+        self.compile_latent_passes: str | None = None
         self.gen_forward_cnt = 0
 
     # ------------------------------------------------------------------------------------------
@@ -328,6 +329,8 @@ class Coconut(nn.Module):
         label count (global normalisation across ranks and accumulation steps).
         """
         synced = self.synced_gpus
+        if self.compile_latent_passes == "reduce-overhead" and torch.is_grad_enabled():
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be reused
         layout = self._layout(input_ids, synced)
         input_ids, attention_mask, position_ids, labels = self._fit_layout(
             layout, input_ids, (attention_mask, 0), (position_ids, 0), (labels, IGNORE_INDEX)

@@ -9,7 +9,7 @@ every position computed once and the mask sliced or derived on the device:
 
 - LatentStepper: COCONUT's one-token latent passes in training and in the prompt, on the shared
   DynamicCache (autograd flows through it as before), with no host sync per pass; optionally
-  compiled (Coconut.compile_latent_passes).
+  compiled (Coconut.compile_latent_passes: a torch.compile mode).
 - StaticGreedyDecoder: greedy decoding on K/V buffers preallocated for the whole generation; the
   next token is picked on the device, so a step has no host sync and the same shapes and
   addresses every time. Steps queue without waiting for the GPU and can be replayed as one
@@ -78,34 +78,43 @@ def run_layers(
 
 
 @functools.cache
-def _compiled_run_layers() -> Callable[..., torch.Tensor]:
-    """run_layers under torch.compile, built on first use. dynamic=True: one graph serves every
-    pass and batch (the cached length varies); the cache object is traced, not guarded per length."""
-    return torch.compile(run_layers, dynamic=True)
+def compiled_run_layers(mode: str) -> Callable[..., torch.Tensor]:
+    """run_layers under torch.compile(mode=mode), built on first use. dynamic=True: one graph serves
+    every pass and batch, whatever the cached length (the DynamicCache is traced, not guarded per
+    length); under "reduce-overhead" CUDA graphs are recorded per distinct length."""
+    return torch.compile(run_layers, dynamic=True, mode=mode)
 
 
 class LatentStepper:
     """One-token passes at given columns of a batch, on the batch's DynamicCache.
 
     Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True = attend).
-    With compiled, passes that record gradients run the layers through torch.compile (fused
-    kernels: less host work per pass); passes without gradients stay eager and need no compile.
+    With compile_mode (a torch.compile mode), passes that record gradients run the layers compiled
+    (fused kernels; with "reduce-overhead", CUDA graphs); passes without gradients stay eager and
+    need no compile.
     """
 
-    def __init__(self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor, compiled: bool) -> None:
+    def __init__(
+        self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor, compile_mode: str | None
+    ) -> None:
         self.decoder = decoder
         self.cos, self.sin = rope
         self.mask = attention_mask.bool()[:, None, None, :]
         self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
-        self.run = _compiled_run_layers() if compiled and torch.is_grad_enabled() else run_layers
+        self.run = compiled_run_layers(compile_mode) if compile_mode and torch.is_grad_enabled() else run_layers
 
     @classmethod
     def create(
-        cls, decoder: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compiled: bool = False
+        cls,
+        decoder: nn.Module,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        compile_mode: str | None = None,
     ) -> LatentStepper | None:
         """A stepper for this batch, or None where the layers cannot be driven directly."""
         rope = rope_table(decoder, embeds, position_ids) if drivable(decoder) else None
-        return None if rope is None else cls(decoder, rope, attention_mask, compiled)
+        return None if rope is None else cls(decoder, rope, attention_mask, compile_mode)
 
     def __call__(self, hidden: torch.Tensor, column: int, cache: DynamicCache) -> torch.Tensor:
         """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""

@@ -42,7 +42,7 @@ from model_setup import add_latent_tokens, check_image_size, freeze, load_base_m
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
-from utils import Config, set_seed
+from utils import Config, ConfigError, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
 METRICS_FILE = "metrics.jsonl"
@@ -151,6 +151,11 @@ class Run:
         self.base, self.decoder_layers = base, decoder_layers
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id).to(info.device)
+        if config.compile_latent_passes == "reduce-overhead" and info.distributed:
+            raise ConfigError(
+                "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
+                "under torchrun use 'default'"
+            )
         model.compile_latent_passes = config.compile_latent_passes
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:

@@ -79,7 +79,7 @@ class Config:
     freeze_mlp: bool = False
     freeze_llm: bool = False
     activation_checkpointing: bool = False
-    compile_latent_passes: bool = False
+    compile_latent_passes: Literal["default", "reduce-overhead"] | None = None
     # --- optimisation and evaluation -------------------------------------------------------
     lr_scheduler: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = 0.0

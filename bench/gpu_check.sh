@@ -2,10 +2,11 @@
 # One-shot check on one H100/H200 (no network; torch + transformers preinstalled), run from the repo root:
 #   OUT=/some/dir bash bench/gpu_check.sh
 # Most wanted first (the deadline skips what is left):
-# 1. default workload (batch 8, 5 tiles, bf16): vision, sft, coconut, coconut_compiled, decode, decode_graph;
+# 1. default workload (batch 8, 5 tiles, bf16): sft, coconut, decode, decode_graph, coconut_graphed,
+#    coconut_compiled (compiles last: a timeout loses least; vision was measured before);
 # 2. the latent-loop and decoding equality tests (CPU and CUDA tensors; CUDA-graph decoding == eager);
 # 3. decoding at batch 32: decode, decode_graph (the decode target is at batch 32);
-# 4. batch 2: sft, coconut, coconut_compiled, naive (vision re-run every pass), naive_decode — naive at
+# 4. batch 2: sft, coconut, coconut_graphed, naive (vision re-run every pass), naive_decode — naive at
 #    batch 8 would not fit; if naive does not complete at batch 2 (an H100 has ~78 GiB), again at batch 1;
 # 5. one profiled run each of sft, coconut, decode at batch 8 (op and launch counts, busy GPU ms, top ops);
 # 6. the demo in bf16 on the GPU; 7. batch 8 with --freeze-backbone: sft, coconut.
@@ -59,10 +60,10 @@ fi
 "$PYTHON" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 if [[ "${TINY:-0}" == 1 ]]; then DECODE_GRAPH=; else DECODE_GRAPH=,decode_graph; fi
-bench 200 --batch 8 --modes vision,sft,coconut,coconut_compiled,decode$DECODE_GRAPH
+bench 240 --batch 8 --modes sft,coconut,decode$DECODE_GRAPH,coconut_graphed,coconut_compiled
 step 120 "$PYTHON" -m pytest -q -rs tests/test_coconut_text.py tests/test_coconut_mm.py tests/test_decoder_steps.py
 bench 90 --batch 32 --iters 3 --warmup 1 --modes decode$DECODE_GRAPH
-bench 150 --batch 2 --modes sft,coconut,coconut_compiled,naive,naive_decode
+bench 150 --batch 2 --modes sft,coconut,coconut_graphed,naive,naive_decode
 if ! grep -q '"mode": "naive", "ms_median"' "$JSONL" 2>/dev/null; then
   log "=== naive did not complete at batch 2: batch 1"
   bench 90 --batch 1 --modes sft,coconut,naive
