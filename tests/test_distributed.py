@@ -58,3 +58,10 @@ def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
     assert calls["0"] == calls["2"] == calls["5"], calls
     gathers = sum(v for k, v in calls["5"].items() if "all_gather" in k)
     assert gathers == 2 + 1  # two decoder layers and the root, once each
+
+
+def test_cuda_graph_compile_is_refused_under_torchrun(tmp_path, tiny_model_dir):
+    config = demo_config(tmp_path, tiny_model_dir, name="graphs", num_epochs=1, compile_latent_passes="reduce-overhead")
+    result = torchrun(config, nproc=2)
+    assert result.returncode != 0
+    assert "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only" in result.stdout + result.stderr
