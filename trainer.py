@@ -76,6 +76,11 @@ class Run:
 
     def __init__(self, config: Config, info: DistInfo) -> None:
         self.config, self.info = config, info
+        if config.compile_latent_passes == "reduce-overhead" and info.distributed:
+            raise ConfigError(
+                "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
+                "under torchrun use 'default'"
+            )
         self.save_dir = Path(config.save_path) / config.name
         self.writes = not (config.debug or config.only_eval)
         self.state = ckpt.TrainState(epoch=config.resume)
@@ -151,11 +156,6 @@ class Run:
         self.base, self.decoder_layers = base, decoder_layers
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id).to(info.device)
-        if config.compile_latent_passes == "reduce-overhead" and info.distributed:
-            raise ConfigError(
-                "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
-                "under torchrun use 'default'"
-            )
         model.compile_latent_passes = config.compile_latent_passes
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
