@@ -69,7 +69,12 @@ def rope_table(decoder: nn.Module, like: torch.Tensor, positions: torch.Tensor) 
 
 
 def run_layers(
-    decoder: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, cache: object, cache_kw: str
+    decoder: nn.Module,
+    hidden: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+    cache: object,
+    cache_kw: str,
 ) -> torch.Tensor:
     """The decoder's layers and final norm on new positions whose past K/V are in cache."""
     for layer in decoder.layers:
@@ -88,7 +93,8 @@ def compiled_run_layers(mode: str) -> Callable[..., torch.Tensor]:
 class LatentStepper:
     """One-token passes at given columns of a batch, on the batch's DynamicCache.
 
-    Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True = attend).
+    Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True =
+    attend), or no mask when nothing is padded, as transformers does (sdpa then keeps K/V grouped).
     With compile_mode (a torch.compile mode), passes that record gradients run the layers compiled
     (fused kernels; with "reduce-overhead", CUDA graphs); passes without gradients stay eager and
     need no compile.
@@ -99,7 +105,7 @@ class LatentStepper:
     ) -> None:
         self.decoder = decoder
         self.cos, self.sin = rope
-        self.mask = attention_mask.bool()[:, None, None, :]
+        self.mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
         self.run = compiled_run_layers(compile_mode) if compile_mode and torch.is_grad_enabled() else run_layers
 
@@ -119,7 +125,8 @@ class LatentStepper:
     def __call__(self, hidden: torch.Tensor, column: int, cache: DynamicCache) -> torch.Tensor:
         """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""
         rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
-        return self.run(self.decoder, hidden, rope, self.mask[..., : column + 1], cache, self.cache_kw)
+        mask = None if self.mask is None else self.mask[..., : column + 1]
+        return self.run(self.decoder, hidden, rope, mask, cache, self.cache_kw)
 
 
 class StaticKV:

@@ -11,6 +11,7 @@ from coconut import Coconut
 from dataset import MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
 from latent_checkpoint import enable_latent_checkpointing
+from tests.latent_reference import reference_forward
 from tests.test_coconut_text import (
     END,
     EOS,
@@ -163,3 +164,16 @@ def test_host_reads_per_step_do_not_grow_with_latents():
         with HostReads() as counter:
             run(decoder, 5)
     assert counter.count == 0
+
+
+def test_unpadded_batch_runs_without_a_mask_and_equals_reference():
+    """Nothing padded: the one-token passes pass no mask (as transformers does) and stay exact."""
+    batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9, 4], 3, [12, 13, EOS])])
+    batch.pop("idx")
+    assert bool(batch["attention_mask"].all())
+    model = dynamic_rope_lm(seed=12)
+    ref_loss, _ = reference_forward(model, LATENT, **batch)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    stepper = coconut.adapter.latent_stepper(model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"], batch["position_ids"])
+    assert stepper is not None and stepper.mask is None
+    torch.testing.assert_close(coconut(**batch).loss, ref_loss, rtol=1e-5, atol=1e-6)
