@@ -37,6 +37,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -558,7 +559,11 @@ MODE_FUNCTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 
 
 def run_mode(bench: Bench, mode: str) -> dict[str, Any]:
-    """One measurement line; out-of-memory becomes {"error": "OOM"} and the memory is released."""
+    """One measurement line; out-of-memory becomes {"error": "OOM"} and the memory is released.
+
+    Any other failure becomes {"error": its type} (traceback on stderr) and the next mode still
+    runs: one broken experimental mode must not cost a one-shot GPU run its other measurements.
+    """
     cuda = bench.args.device.startswith("cuda")
     bench.model.train(mode in STEP_MODES)
     if cuda:
@@ -567,6 +572,9 @@ def run_mode(bench: Bench, mode: str) -> dict[str, Any]:
         line = {"mode": mode, **MODE_FUNCTIONS[mode](bench)}
     except torch.OutOfMemoryError as err:
         line = {"mode": mode, "error": "OOM", "msg": str(err)[:300]}
+    except Exception as err:  # reported in the line and in the exit status
+        traceback.print_exc()
+        line = {"mode": mode, "error": type(err).__name__, "msg": str(err)[:500]}
     bench.model.zero_grad(set_to_none=True)
     gc.collect()
     line["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
@@ -712,5 +720,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     return lines
 
 
+def failed(lines: list[dict[str, Any]]) -> bool:
+    """Whether a mode failed for a reason other than running out of memory (expected for naive)."""
+    return any(line.get("error") not in (None, "OOM") for line in lines)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if failed(main()) else 0)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, main
+from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, failed, main
 
 SMALL = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--batch", "2",
          "--tiles", "1", "--question", "8", "--latents", "2", "--answer", "8", "--new-tokens", "4"]
@@ -91,3 +91,12 @@ def test_compiled_mode_measures_the_same_loss(tiny_model_dir):
     assert EXPECTED_KEYS["coconut_compiled"] <= by_mode["coconut_compiled"].keys()
     assert by_mode["coconut_compiled"]["loss"] == pytest.approx(by_mode["coconut"]["loss"], rel=1e-5)
     assert "coconut_compiled_over_sft_ms" not in by_mode["summary"]  # no sft in this run
+
+
+def test_a_failing_mode_is_reported_and_the_others_still_run(tiny_model_dir):
+    lines = main([*SMALL, "--modes", "decode_graph,sft"])  # CUDA graphs on a CPU: refused
+    by_mode = {line["mode"]: line for line in lines}
+    assert by_mode["decode_graph"]["error"] == "ValueError"
+    assert "needs one process" in by_mode["decode_graph"]["msg"]
+    assert "error" not in by_mode["sft"] and by_mode["sft"]["ms_median"] > 0
+    assert failed(lines)
