@@ -1,11 +1,12 @@
 """Step and decode benchmark of COCONUT-VL on the full-size InternVL3-1B architecture (random weights).
 
-`python -m bench.bench_step [--tiny] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8] [--tiles 5]
-[--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
-[--modes vision,sft,coconut,decode,naive,naive_decode] [--freeze-backbone] [--out results.jsonl]`
+`python -m bench.bench_step [--tiny | --host-proxy] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8]
+[--tiles 5] [--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
+[--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
 
 Builds the model from its config in the target dtype (no download; --tiny loads the offline tiny
-checkpoint instead), collates a synthetic batch with the training collator and times each mode:
+checkpoint instead, --host-proxy builds the full depth at toy width), collates a synthetic batch
+with the training collator and times each mode:
 
 - vision:       vision tower + projector, forward + backward.
 - sft:          plain fine-tuning step over the same tokens (latents replaced by ordinary tokens):
@@ -15,6 +16,9 @@ checkpoint instead), collates a synthetic batch with the training collator and t
                 and for the loss, no cache.
 - decode:       batched Coconut.generate, eos unreachable so every run decodes --new-tokens.
 - naive_decode: batch-size-1 greedy decoding without a KV cache, every token a full forward.
+- decode_graph: decode with each token step replayed as a captured CUDA graph (CUDA only).
+- coconut_compiled, coconut_graphed: coconut with compile_latent_passes default / reduce-overhead
+                (opt-in: each compiles first).
 
 Writes one JSON line per measurement (plus a header and a summary line) to stdout and --out.
 
