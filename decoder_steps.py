@@ -20,6 +20,7 @@ coconut.Coconut falls back to the decoder's own forward for any other decoder.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import functools
@@ -170,7 +171,7 @@ class LanguageModel(Protocol):
     def head(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-class GreedyDecoder:
+class GreedyDecoder(abc.ABC):
     """Greedy decoding state in fixed device buffers: the tokens so far and which samples are done.
 
     `tokens[:, 0]` is the first new token (from the prompt's logits); each `step()` feeds
@@ -192,8 +193,9 @@ class GreedyDecoder:
         self.finished |= token == self.eos_token_id
         self.tokens.index_copy_(1, t, token[:, None])
 
+    @abc.abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """Feed the last token through the decoder and write the next one."""
 
 
 class CacheGreedyDecoder(GreedyDecoder):
