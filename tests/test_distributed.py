@@ -46,18 +46,31 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
-    """The n+1 latent passes run forward and backward without re-gathering the decoder layers."""
+def fsdp_worker(check: str) -> dict:
+    """tests/fsdp_worker.py under a 2-rank torchrun; its JSON result."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.fsdp_collectives_worker"],
+         "-m", "tests.fsdp_worker", check],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
-    calls = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
+    """The n+1 latent passes run forward and backward without re-gathering the decoder layers."""
+    calls = fsdp_worker("collectives")
     assert calls["0"] == calls["2"] == calls["5"], calls
     gathers = sum(v for k, v in calls["5"].items() if "all_gather" in k)
     assert gathers == 2 + 1  # two decoder layers and the root, once each
+
+
+def test_compiled_latent_passes_under_fsdp_equal_eager():
+    result = fsdp_worker("compiled")
+    assert result["graphs"] >= 1, result  # the passes did run compiled
+    eager, compiled = result["loss"]
+    assert abs(compiled - eager) <= 1e-5 * abs(eager), result
+    assert result["max_grad_diff"] <= 1e-4 * result["max_grad"] + 1e-6, result
 
 
 def test_cuda_graph_compile_is_refused_under_torchrun(tmp_path, tiny_model_dir):

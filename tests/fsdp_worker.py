@@ -1,0 +1,107 @@
+"""Run under torchrun (2 ranks, gloo) with one argument; rank 0 prints one JSON line.
+
+Both checks shard a tiny Qwen2 Coconut as the trainer does (distributed.shard):
+
+- `collectives`: the all-gathers and reduce-scatters of one forward + backward + release_gathered
+  (after a warm-up step), per latent count: {latents: {collective: calls}}.
+- `compiled`: loss and gradients of one step with compile_latent_passes="default" against the
+  same step eager: {"graphs": compiled graphs, "loss": [eager, compiled], "max_grad_diff": ...,
+  "max_grad": ...}.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from coconut import Coconut
+from dataset import MyCollator
+from distributed import release_gathered, shard
+from tests.test_coconut_text import END, EOS, LATENT, PAD, START, sample, tiny_lm
+
+COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
+
+
+def batch_with(n_latents: int) -> dict[str, torch.Tensor]:
+    batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], n_latents, [10, 11, EOS]), sample([8, 9], n_latents, [12, EOS])])
+    batch.pop("idx")
+    return batch
+
+
+def step(coconut: Coconut, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = coconut(**batch).loss
+    loss.backward()
+    release_gathered(coconut.base_causallm.model.layers)
+    return loss.detach()
+
+
+def collectives(coconut: Coconut) -> dict[str, Any]:
+    calls: collections.Counter = collections.Counter()
+    for name in COLLECTIVES:
+        if hasattr(dist, name):  # FSDP2 calls them as dist.<name> at run time
+            original = getattr(dist, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                calls[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+    result = {}
+    for n in (0, 2, 5):
+        batch = batch_with(n)
+        for _ in range(2):  # a warm-up step, then the counted one
+            calls.clear()
+            step(coconut, batch)
+        result[n] = dict(calls)
+    return result
+
+
+def compiled(coconut: Coconut) -> dict[str, Any]:
+    batch = batch_with(3)
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.full_tensor().clone() for n, p in coconut.named_parameters() if p.grad is not None}
+        coconut.zero_grad(set_to_none=True)
+        return out
+
+    eager_loss = step(coconut, batch)
+    eager = grads()
+    coconut.compile_latent_passes = "default"
+    compiled_loss = step(coconut, batch)
+    ours = grads()
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "loss": [float(eager_loss), float(compiled_loss)],
+        "max_grad_diff": max(float((ours[k] - eager[k]).abs().max()) for k in eager),
+        "max_grad": max(float(g.abs().max()) for g in eager.values()),
+    }
+
+
+def main(check: str) -> None:
+    dist.init_process_group("gloo")
+    model = tiny_lm(seed=0).train()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    shard(coconut, model.model.layers, None, None)
+    coconut.synced_gpus = True
+    result = {"collectives": collectives, "compiled": compiled}[check](coconut)
+    if dist.get_rank() == 0:
+        print(json.dumps(result), flush=True)
+    # Drop FSDP's state (and the collective handles it keeps) while the process group is alive:
+    # tearing gloo down under them aborts the process now and then.
+    del coconut, model
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(sys.argv[1])
