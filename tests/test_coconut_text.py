@@ -82,8 +82,8 @@ def test_forward_loss_and_grads_equal_reference(checkpointing):
     assert out.thought_norm is not None and out.thought_norm > 0
 
 
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_latent_passes_equal_reference(mode):
+@pytest.mark.parametrize("mode,checkpointing", [("default", False), ("reduce-overhead", False), ("default", True)])
+def test_compiled_latent_passes_equal_reference(mode, checkpointing):
     """compile_latent_passes: same loss, logits and gradients; one graph for every pass and batch.
 
     (On the CPU, reduce-overhead compiles the same graph without CUDA graphs.)
@@ -98,6 +98,9 @@ def test_compiled_latent_passes_equal_reference(mode):
     ref_loss.backward()
     ref_grads = grads(model)
     model.zero_grad()
+    if checkpointing:
+        enable_latent_checkpointing(model.model.layers)
+        model.train()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     coconut.compile_latent_passes = mode
     out = coconut(**batch, return_logits=True)
