@@ -230,6 +230,8 @@ class Coconut(nn.Module):
         # A torch.compile mode ("default", "reduce-overhead") for the one-token latent passes of
         # training steps (decoder_steps.LatentStepper); None keeps them eager.
         self.compile_latent_passes: str | None = None
+        # generate's default for cuda_graph (set by the trainer from the config).
+        self.decode_cuda_graph = False
         self.gen_forward_cnt = 0
 
     # ------------------------------------------------------------------------------------------
@@ -370,15 +372,18 @@ class Coconut(nn.Module):
         synced_gpus: bool = False,
         position_ids: torch.Tensor | None = None,
         stop_check_every: int = 4,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Batched greedy decoding after the latent passes; returns new tokens [B, T], pad after eos.
 
         Each sample's tokens equal generating it alone. With synced_gpus every rank keeps stepping
-        (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph replays
-        each token step as one captured CUDA graph (one process, CUDA, a Llama/Qwen2-style decoder).
+        (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph (default:
+        self.decode_cuda_graph) replays each token step as one captured CUDA graph (one process,
+        CUDA, a Llama/Qwen2-style decoder).
         """
+        if cuda_graph is None:
+            cuda_graph = self.decode_cuda_graph
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         synced = synced_gpus or self.synced_gpus

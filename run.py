@@ -13,7 +13,7 @@ import sys
 from checkpoint import CheckpointError
 from dataset import DataError
 from model_setup import ModelSetupError
-from utils import Config, ConfigError, check_paths, load_config
+from utils import Config, ConfigError, check_launch, check_paths, load_config
 
 TINY_PREFIX = "tiny:"
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(args.config_file)
         check_paths(config, args.config_file)
+        check_launch(config, args.config_file)
         maybe_build_demo_model(config)
         from trainer import run  # heavy imports only after the config is known to be good
 

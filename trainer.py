@@ -42,7 +42,7 @@ from model_setup import add_latent_tokens, check_image_size, freeze, load_base_m
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
-from utils import Config, ConfigError, set_seed
+from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
 METRICS_FILE = "metrics.jsonl"
@@ -76,11 +76,6 @@ class Run:
 
     def __init__(self, config: Config, info: DistInfo) -> None:
         self.config, self.info = config, info
-        if config.compile_latent_passes == "reduce-overhead" and info.distributed:
-            raise ConfigError(
-                "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
-                "under torchrun use 'default'"
-            )
         self.save_dir = Path(config.save_path) / config.name
         self.writes = not (config.debug or config.only_eval)
         self.state = ckpt.TrainState(epoch=config.resume)
@@ -157,6 +152,7 @@ class Run:
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
                         self.tokenizer.pad_token_id).to(info.device)
         model.compile_latent_passes = config.compile_latent_passes
+        model.decode_cuda_graph = config.decode_cuda_graph
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None

@@ -86,6 +86,7 @@ class Config:
     max_grad_norm: float = 0.0
     batch_size_eval: int = 8
     max_new_tokens: int = 64
+    decode_cuda_graph: bool = False
     num_workers: int = 1
     # --- logging and distributed -----------------------------------------------------------
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
@@ -238,6 +239,21 @@ def check_paths(config: Config, source: str = "<config>") -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{source}: key 'save_path': not writable: {save_dir} ({e})") from None
+
+
+def check_launch(config: Config, source: str = "<config>") -> None:
+    """Keys that depend on how the run is launched (under torchrun, on a GPU), before model loading."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.compile_latent_passes == "reduce-overhead" and ranks > 1:
+        raise ConfigError(
+            f"{source}: key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
+            "under torchrun use 'default'"
+        )
+    if config.decode_cuda_graph:
+        import torch  # only for this key: the other checks stay light
+
+        if ranks > 1 or not torch.cuda.is_available():
+            raise ConfigError(f"{source}: key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU")
 
 
 def load_config(path: str | Path) -> Config:

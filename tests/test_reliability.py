@@ -107,6 +107,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
         ({"num_workers": -2}, "key 'num_workers': must be >= 0"),
         ({"max_tiles": 0}, "key 'max_tiles': must be > 0"),
         ({"max_length": 0}, "key 'max_length': must be > 0"),
+        pytest.param({"decode_cuda_graph": True}, "key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the key is valid")),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
