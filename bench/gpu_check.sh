@@ -9,7 +9,7 @@
 # 4. batch 2: sft, coconut, coconut_graphed, naive (vision re-run every pass), naive_decode — naive at
 #    batch 8 would not fit; if naive does not complete at batch 2 (an H100 has ~78 GiB), again at batch 1;
 # 5. one profiled run each of sft, coconut, decode at batch 8 (op and launch counts, busy GPU ms, top ops);
-# 6. the demo in bf16 on the GPU; 7. batch 8 with --freeze-backbone: sft, coconut.
+# 6. the demo in bf16 on the GPU, eval decoding by CUDA graphs; 7. batch 8 with --freeze-backbone: sft, coconut.
 # Every step runs under `timeout`, clamped so that the whole script ends within 7 minutes.
 # All output goes to $OUT/gpu_log.txt, the JSON lines to $OUT/bench.jsonl. Exit status 1 if a step failed.
 # TINY=1 runs the same steps on the tiny model on CPU (a dry run of this script's logic).
@@ -69,9 +69,10 @@ if ! grep -q '"mode": "naive", "ms_median"' "$JSONL" 2>/dev/null; then
   bench 90 --batch 1 --modes sft,coconut,naive
 fi
 bench 90 --batch 8 --iters 1 --warmup 1 --profile --modes sft,coconut,decode
-# the training CLI on the GPU in bf16 (autocast, fused AdamW): the demo, two epochs
+# the training CLI on the GPU in bf16 (autocast, fused AdamW, CUDA-graph decoding in eval): the demo, two epochs
 sed -e 's/^num_epochs: .*/num_epochs: 2/' -e "s#^save_path: .*#save_path: /tmp/gpu_check_ckpt#" args/demo.yaml > /tmp/demo_gpu.yaml
 echo "bf16: true" >> /tmp/demo_gpu.yaml
+[[ "${TINY:-0}" == 1 ]] || echo "decode_cuda_graph: true" >> /tmp/demo_gpu.yaml  # a CPU refuses the key
 step 90 "$PYTHON" run.py /tmp/demo_gpu.yaml
 bench 90 --batch 8 --freeze-backbone --modes sft,coconut
 
