@@ -11,13 +11,12 @@ rows without an image stay as text-only records unless --require-image is given.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
 
-from preprocessing.common import Record, convert_rows, format_choices, hf_main, letter, split_sentences
+from preprocessing.common import Record, format_choices, hf_main, letter, split_sentences
 
 DATASET = "derek-thomas/ScienceQA"
 
@@ -30,13 +29,6 @@ def convert_row(row: Mapping[str, Any], idx: int) -> tuple[Record, Image.Image |
         "answer": letter(row["answer"]),
     }
     return record, row.get("image"), str(idx)
-
-
-def convert(
-    rows: Iterable[Mapping[str, Any]], split: str, image_dir: str | Path, require_image: bool = False
-) -> list[Record]:
-    """Rows as datasets.load_dataset gives them (or an in-memory list) → records + saved images."""
-    return convert_rows(rows, convert_row, split, image_dir, require_image)
 
 
 if __name__ == "__main__":

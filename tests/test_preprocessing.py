@@ -11,7 +11,7 @@ from PIL import Image, ImageColor, ImageDraw
 
 from dataset import DataError, load_records
 from preprocessing import easy_vqa, gsm8k_mm, m3cot, scienceqa
-from preprocessing.common import split_sentences, write_splits
+from preprocessing.common import convert_rows, split_sentences, write_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 # easy-vqa draws each shape in one flat CSS colour, except "green", which it draws as lime.
@@ -120,7 +120,7 @@ def test_scienceqa_converter(tmp_path: Path) -> None:
         {"question": "What colour?", "choices": ["blue", "green"], "answer": 0, "hint": "Look at the ball.",
          "image": _picture("blue").convert("CMYK"), "lecture": "", "solution": ""},
     ]
-    records = scienceqa.convert(rows, "val", tmp_path / "img")
+    records = convert_rows(rows, scienceqa.convert_row, "val", tmp_path / "img")
     assert write_splits({"val": records}, tmp_path, tmp_path / "img") == {"val": 3}
     assert records[0] == {
         "question": "Which is a mammal?\nOptions: (A) frog (B) dog",
@@ -132,7 +132,7 @@ def test_scienceqa_converter(tmp_path: Path) -> None:
     assert "image" not in records[1] and records[1]["steps"] == ["Fire burns!", "Ice is cold."]
     assert records[2]["image"] == "val/2.png" and records[2]["answer"] == "A" and records[2]["steps"] == []
     assert Image.open(tmp_path / "img" / "val" / "2.png").mode == "RGB"
-    assert [r["image"] for r in scienceqa.convert(rows, "val", tmp_path / "img", require_image=True)] == [
+    assert [r["image"] for r in convert_rows(rows, scienceqa.convert_row, "val", tmp_path / "img", require_image=True)] == [
         "val/0.png", "val/2.png"]
 
 
@@ -144,7 +144,7 @@ def test_m3cot_converter(tmp_path: Path) -> None:
         {"id": "math-7", "question": "How many?", "choices": ["1", "2"], "answer": "A",
          "rationale": "There is one circle.", "image": _picture("black"), "domain": "math", "topic": "counting"},
     ]
-    records = m3cot.convert(rows, "train", tmp_path / "img")
+    records = convert_rows(rows, m3cot.convert_row, "train", tmp_path / "img")
     assert write_splits({"train": records}, tmp_path, tmp_path / "img") == {"train": 2}
     assert records[0] == {
         "question": "What is shown?\nOptions: (A) a cat (B) a ball",
