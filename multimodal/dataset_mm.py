@@ -133,6 +133,14 @@ def question_ids(tokenizer: Any, text: str, blocks: list[list[int]]) -> list[int
     return ids
 
 
+def media_transforms(config: Config) -> tuple[ImageTransform, ImageTransform]:
+    """The tilers of a config's images (up to max_tiles) and video frames (up to video_tiles).
+
+    The data set is built with them (tile counts) and read with them (pixels): one definition.
+    """
+    return ImageTransform(config.image_size, config.max_tiles), ImageTransform(config.image_size, config.video_tiles)
+
+
 class MediaBuilder:
     """Turns one record into (question ids, visuals) for a config's prompt and tiling settings."""
 
@@ -140,8 +148,7 @@ class MediaBuilder:
         self.config = config
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
-        self.image_transform = ImageTransform(config.image_size, config.max_tiles)
-        self.frame_transform = ImageTransform(config.image_size, config.video_tiles)
+        self.image_transform, self.frame_transform = media_transforms(config)
         self.template = PROMPT_TEMPLATES[config.prompt_format]
 
     def visuals(self, record: dict[str, Any], where: str) -> list[Visual]:
@@ -195,8 +202,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.media = media
         self.source = source
-        self.image_transform = ImageTransform(config.image_size, config.max_tiles)
-        self.frame_transform = ImageTransform(config.image_size, config.video_tiles)
+        self.image_transform, self.frame_transform = media_transforms(config)
 
     def __len__(self) -> int:
         return len(self.samples)
