@@ -2,7 +2,7 @@
 
 `python -m bench.bench_step [--tiny | --host-proxy] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8]
 [--tiles 5] [--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
-[--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
+[--ragged 0] [--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
 
 Builds the model from its config in the target dtype (no download; --tiny loads the offline tiny
 checkpoint instead, --host-proxy builds the full depth at toy width), collates a synthetic batch
@@ -15,12 +15,14 @@ with the training collator and times each mode:
 - naive:        the seed's design: a full model forward (vision tower included) per latent pass
                 and for the loss, no cache.
 - decode:       batched Coconut.generate, eos unreachable so every run decodes --new-tokens.
+- decode_step:  one eager decode step of that generation, timed alone after the prefill.
 - naive_decode: batch-size-1 greedy decoding without a KV cache, every token a full forward.
 - decode_graph: decode with each token step replayed as a captured CUDA graph (CUDA only).
 - coconut_compiled, coconut_graphed: coconut with compile_latent_passes default / reduce-overhead
                 (opt-in: each compiles first).
 
 Writes one JSON line per measurement (plus a header and a summary line) to stdout and --out.
+Step modes also report saved_gib, what autograd keeps for the backward (measurable on a CPU too).
 
 FLOPs are counted by component (embedding lookups and norms left out):
   vision  = m·P_vit·V·tiles + 2m·L_vit·V²·d_vit·tiles  (V = patches + CLS per tile; full attention;
@@ -60,8 +62,8 @@ from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
-MODES = ("vision", "sft", "coconut", "decode", "naive", "naive_decode", "decode_graph", "coconut_compiled",
-         "coconut_graphed")
+MODES = ("vision", "sft", "coconut", "decode", "decode_step", "naive", "naive_decode", "decode_graph",
+         "coconut_compiled", "coconut_graphed")
 CUDA_ONLY_MODES = ("decode_graph",)
 OPT_IN_MODES = ("coconut_compiled", "coconut_graphed")  # run only when --modes names them: each compiles
 STEP_MODES = ("vision", "sft", "coconut", "naive", "coconut_compiled", "coconut_graphed")
@@ -110,6 +112,11 @@ class Layout:
     question: int
     latents: int
     answer: int
+    ragged: int = 0
+
+    def question_of(self, idx: int) -> int:
+        """Sample idx's question length: up to `ragged` tokens shorter, so the batch is left-padded."""
+        return self.question - round(self.ragged * idx / max(self.batch - 1, 1))
 
     @property
     def first_latent(self) -> int:
@@ -242,7 +249,7 @@ def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int) -> 
     features = []
     for idx in range(layout.batch):
         latents = [ids.start_latent] + [ids.latent] * layout.latents + [ids.end_latent]
-        prompt = ids.image.block(layout.tiles) + text(layout.question) + latents
+        prompt = ids.image.block(layout.tiles) + text(layout.question_of(idx)) + latents
         answer = text(layout.answer) + [ids.eos]
         input_ids = prompt + answer
         features.append(
@@ -265,10 +272,11 @@ def collate(features: list[dict[str, Any]], ids: TokenIds, device: str, dtype: t
     return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
 
 
-def prompt_of(feature: dict[str, Any], layout: Layout) -> dict[str, Any]:
+def prompt_of(feature: dict[str, Any], end_latent: int) -> dict[str, Any]:
     """A sample cut after <|end-latent|>, without labels: the decoding prompt."""
+    stop = feature["input_ids"].index(end_latent) + 1
     cut = ("input_ids", "attention_mask")
-    return {k: v[: layout.prompt] if k in cut else v for k, v in feature.items() if k != "labels"}
+    return {k: v[:stop] if k in cut else v for k, v in feature.items() if k != "labels"}
 
 
 def rows(batch: dict[str, torch.Tensor], start: int, stop: int, tiles: int) -> dict[str, torch.Tensor]:
@@ -441,8 +449,26 @@ def rates(flops: float, ms: float, peak_tflops: float) -> dict[str, float]:
     return {"tflops": round(tflops, 3), "mfu": round(tflops / peak_tflops, 4)}
 
 
+def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one loss (then freed).
+
+    A memory figure a CPU can measure: the activations that peak_mem_gib (GPU only) mostly is.
+    """
+    sizes: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn()
+    return sum(sizes.values())
+
+
 def train_step(bench: Bench, loss_fn: Callable[[], torch.Tensor], flops: float) -> dict[str, Any]:
-    """Time zero_grad + loss + backward; the loss of the last run is reported."""
+    """Time zero_grad + loss + backward; the loss of the last run is reported, then saved_gib is
+    counted in one more forward, untimed."""
 
     def step() -> torch.Tensor:
         bench.model.zero_grad(set_to_none=True)
@@ -451,7 +477,8 @@ def train_step(bench: Bench, loss_fn: Callable[[], torch.Tensor], flops: float) 
         return loss.detach()
 
     timing, loss = timed(step, bench.args, profile=bench.args.profile)
-    return {**timing, "loss": float(loss), **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
+    saved_gib = round(saved_for_backward(loss_fn) / 2**30, 6)
+    return {**timing, "loss": float(loss), "saved_gib": saved_gib, **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
 
 
 def decode_rates(
@@ -526,6 +553,19 @@ def mode_decode(bench: Bench) -> dict[str, Any]:
     return line
 
 
+def mode_decode_step(bench: Bench) -> dict[str, Any]:
+    """One eager token step of decode, timed alone: what decode's ms_per_token estimates as a
+    difference of two runs, which a slow prefill (a CPU) drowns in noise."""
+    args = bench.args
+    with torch.no_grad():
+        prompt = bench.coconut.encode_prompt(**bench.prompts)
+        new_tokens = max(args.new_tokens, args.warmup + args.iters + 2)  # buffers for every step run (+ profile)
+        decoder = bench.coconut.adapter.greedy_decoder(prompt, new_tokens, -1, bench.ids.pad)
+        timing, _ = timed(decoder.step, args, profile=args.profile)
+    return {**timing, "decoder": type(decoder).__name__, "cache_len": prompt.attention_mask.shape[1] + new_tokens,
+            "samples": bench.layout.batch}
+
+
 def mode_decode_graph(bench: Bench) -> dict[str, Any]:
     """decode with every token step replayed as one captured CUDA graph (Coconut.generate(cuda_graph=True))."""
     line, tokens = decode_rates(
@@ -554,6 +594,7 @@ MODE_FUNCTIONS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "sft": mode_sft,
     "coconut": mode_coconut,
     "decode": mode_decode,
+    "decode_step": mode_decode_step,
     "naive": mode_naive,
     "naive_decode": mode_naive_decode,
     "decode_graph": mode_decode_graph,
@@ -601,8 +642,9 @@ def summary(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ):
         if slow in ok and base in ok:
             out[f"{slow}_over_{base}_{name}"] = round(ok[slow][key] / ok[base][key], 3)
-            if ok[slow]["peak_mem_gib"] is not None and ok[base]["peak_mem_gib"]:
-                out[f"{slow}_over_{base}_peak_mem"] = round(ok[slow]["peak_mem_gib"] / ok[base]["peak_mem_gib"], 3)
+            for mem in ("peak_mem_gib", "saved_gib"):
+                if ok[slow].get(mem) is not None and ok[base].get(mem):
+                    out[f"{slow}_over_{base}_{mem.removesuffix('_gib')}"] = round(ok[slow][mem] / ok[base][mem], 3)
     return out
 
 
@@ -675,6 +717,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--question", type=at_least(0), default=64, help="question tokens after the image")
     p.add_argument("--latents", type=at_least(0), default=6)
     p.add_argument("--answer", type=at_least(0), default=64, help="answer tokens before eos")
+    p.add_argument("--ragged", type=at_least(0), default=0,
+                   help="questions up to this many tokens shorter across the batch: left padding, as real data has")
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens every decode run generates")
@@ -688,7 +732,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--profile-top", type=at_least(1), default=12, help="ops listed in each profile ranking")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the JSON lines here too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ragged > args.question:
+        p.error(f"--ragged {args.ragged} exceeds --question {args.question}: questions cannot be shorter than empty")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -702,11 +749,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model, ids, params = build_model(args)
     # eos_token_id -1 is unreachable: every decode run generates exactly --new-tokens tokens.
     coconut = Coconut(model, ids.latent, ids.start_latent, ids.end_latent, eos_token_id=-1, pad_token_id=ids.pad)
-    layout = Layout(args.batch, args.tiles, ids.image.per_tile * args.tiles, args.question, args.latents, args.answer)
+    layout = Layout(
+        args.batch, args.tiles, ids.image.per_tile * args.tiles, args.question, args.latents, args.answer, args.ragged
+    )
     features = make_features(layout, ids, _side(model.config.vision_config.image_size), args.seed)
     dtype = DTYPES[args.dtype]
     batch = collate(features, ids, args.device, dtype)
-    prompts = collate([prompt_of(f, layout) for f in features], ids, args.device, dtype)
+    prompts = collate([prompt_of(f, ids.end_latent) for f in features], ids, args.device, dtype)
     filler = torch.randint(0, ids.n_text, batch["input_ids"].shape, generator=torch.Generator().manual_seed(args.seed))
     sft_ids = torch.where(batch["input_ids"] == ids.latent, filler.to(args.device), batch["input_ids"])
     n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -12,7 +12,7 @@ from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, failed, main
 SMALL = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--batch", "2",
          "--tiles", "1", "--question", "8", "--latents", "2", "--answer", "8", "--new-tokens", "4"]
 TIMING = {"ms_median", "ms_min", "ms_max", "peak_mem_gib"}
-STEP = TIMING | {"loss", "tflops", "mfu"}
+STEP = TIMING | {"loss", "saved_gib", "tflops", "mfu"}
 DECODE = TIMING | {"prefill_ms", "ms_per_token", "samples", "new_tokens", "samples_per_s", "tokens_per_s"}
 EXPECTED_KEYS = {
     "vision": STEP | {"tiles"},
@@ -20,6 +20,7 @@ EXPECTED_KEYS = {
     "coconut": STEP | {"tokens", "passes"},
     "naive": STEP | {"tokens", "passes"},
     "decode": DECODE,
+    "decode_step": TIMING | {"decoder", "cache_len", "samples"},
     "naive_decode": DECODE | {"match_vs_decode"},
     "decode_graph": DECODE | {"match_vs_decode"},
     "coconut_compiled": STEP | {"tokens", "passes", "first_step_s"},
@@ -50,9 +51,10 @@ def test_every_mode_writes_a_line(smoke):
         assert "error" not in line, line
         assert EXPECTED_KEYS[line["mode"]] <= line.keys(), line
         assert line["peak_mem_gib"] is None  # CPU: no per-mode peak
-        numbers = [v for k, v in line.items() if k not in ("mode", "peak_mem_gib")]
+        numbers = [v for k, v in line.items() if k not in ("mode", "peak_mem_gib", "decoder")]
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), line
     assert {"coconut_over_sft_ms", "naive_over_sft_ms", "naive_decode_over_decode_ms_per_token"} <= summary.keys()
+    assert summary["coconut_over_sft_saved"] > 1.0  # the latent passes keep their K/V for the backward
 
 
 def test_coconut_computes_what_the_naive_design_computes(smoke):
@@ -60,6 +62,8 @@ def test_coconut_computes_what_the_naive_design_computes(smoke):
     assert lines["coconut"]["loss"] == pytest.approx(lines["naive"]["loss"], rel=1e-4)
     assert lines["sft"]["loss"] != pytest.approx(lines["coconut"]["loss"], rel=1e-4)  # latents do matter
     assert lines["naive_decode"]["match_vs_decode"] == 1.0
+    assert lines["decode_step"]["decoder"] == "StaticGreedyDecoder"
+    assert lines["decode_step"]["cache_len"] == lines["header"]["layout"]["prompt"] + 4  # --new-tokens 4 >= 0 + 1 + 2
 
 
 def test_freeze_backbone_counts_vision_forward_only(smoke, tmp_path):
@@ -100,3 +104,20 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tiny_model_dir):
     assert "needs one process" in by_mode["decode_graph"]["msg"]
     assert "error" not in by_mode["sft"] and by_mode["sft"]["ms_median"] > 0
     assert failed(lines)
+
+
+def test_ragged_batch_is_left_padded_and_still_exact(tiny_model_dir):
+    """--ragged shortens questions across the batch: padded like real data, coconut still equals naive."""
+    lines = main([*SMALL, "--batch", "3", "--ragged", "3", "--modes", "coconut,naive,decode,naive_decode",
+                  "--naive-decode-samples", "3"])
+    header, by_mode = lines[0], {line["mode"]: line for line in lines}
+    assert header["layout"]["ragged"] == 3
+    assert all("error" not in line for line in lines), lines
+    assert by_mode["coconut"]["loss"] == pytest.approx(by_mode["naive"]["loss"], rel=1e-4)
+    assert by_mode["naive_decode"]["match_vs_decode"] == 1.0  # one by one, each with its padding
+
+
+def test_ragged_beyond_the_question_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--ragged", "9"])
+    assert "--ragged 9 exceeds --question 8" in capsys.readouterr().err
