@@ -5,7 +5,8 @@ decoder forward does a lot of it per call: it rebuilds the attention mask, re-ev
 (dynamic RoPE, as in InternVL3-1B, syncs with the host to check the length) and, for decoding,
 grows a DynamicCache with torch.cat. For decoders built like Llama/Qwen2 (`layers`, `norm`,
 `rotary_emb`, full attention) the steps here call the layers directly, with RoPE cos/sin for
-every position computed once and the mask sliced or derived on the device:
+every position computed once and the mask sliced or derived on the device, and attention that
+reads the grouped K/V heads as they are (hf_compat.one_token_attention):
 
 - LatentStepper: COCONUT's one-token latent passes in training and in the prompt, on the shared
   DynamicCache (autograd flows through it as before), with no host sync per pass; optionally
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hf_compat import cache_keyword, layer_past
+from hf_compat import cache_keyword, layer_past, one_token_attention
 
 
 @dataclasses.dataclass
@@ -95,7 +96,8 @@ class LatentStepper:
     """One-token passes at given columns of a batch, on the batch's DynamicCache.
 
     Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True =
-    attend), or no mask when nothing is padded, as transformers does (sdpa then keeps K/V grouped).
+    attend), or no mask when nothing is padded, as transformers does (its sdpa then picks a kernel
+    without a mask input). Either way attention reads the K/V heads grouped (one_token_attention).
     With compile_mode (a torch.compile mode), passes that record gradients run the layers compiled
     (fused kernels; with "reduce-overhead", CUDA graphs); passes without gradients stay eager and
     need no compile.
@@ -127,7 +129,8 @@ class LatentStepper:
         """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""
         rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
         mask = None if self.mask is None else self.mask[..., : column + 1]
-        return self.run(self.decoder, hidden, rope, mask, cache, self.cache_kw)
+        with one_token_attention(self.decoder.config):
+            return self.run(self.decoder, hidden, rope, mask, cache, self.cache_kw)
 
 
 class StaticKV:
@@ -260,7 +263,8 @@ class StaticGreedyDecoder(GreedyDecoder):
         hidden = self.lm.embed_tokens(self.tokens.index_select(1, t))
         rope = (self.cos.index_select(1, t), self.sin.index_select(1, t))
         mask = (self.valid & (self.cols <= self.column))[:, None, None, :]
-        hidden = run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
+        with one_token_attention(self.decoder.config):
+            hidden = run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
         self._emit(self.lm.head(hidden[:, -1]), t + 1)
         self.column.add_(1)
 

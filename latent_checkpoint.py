@@ -5,11 +5,13 @@ so the latent loop would silently compute wrong logits; plain torch.utils.checkp
 layer that appends to the shared cache appends K/V a second time when it recomputes in backward.
 Here each checkpointed layer call gets its own one-layer cache holding exactly the past K/V it
 saw (passed in as checkpoint inputs) and returns its new K/V; they are appended to the shared
-cache outside the checkpointed region (DESIGN.md §3b).
+cache outside the checkpointed region (DESIGN.md §3b). The recomputation runs the attention
+function the forward ran (one-token steps switch it, hf_compat.one_token_attention).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hf_compat import cache_keyword, layer_past
+from hf_compat import attention_implementation, cache_keyword, layer_past
 
 
 class _OneLayerCache:
@@ -36,12 +38,23 @@ class _OneLayerCache:
         return torch.cat([self.past_keys, keys], dim=-2), torch.cat([self.past_values, values], dim=-2)
 
 
-def _checkpointed_forward(forward: Callable, layer_idx: int, cache_kw: str, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+def _checkpointed_forward(
+    forward: Callable, attention: nn.Module, cache_kw: str, hidden_states: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
     if not torch.is_grad_enabled():
         return forward(hidden_states, *args, **kwargs)
+    config, name = attention.config, attention.config._attn_implementation
+
+    def forward_attention() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
+        return contextlib.nullcontext(), attention_implementation(config, name)
+
+    # Compiled, the recomputation is part of the traced graph, which holds the forward's attention
+    # already (and dynamo accepts no context_fn here).
+    contexts = {} if torch.compiler.is_compiling() else {"context_fn": forward_attention}
     shared = kwargs.get(cache_kw)
     if shared is None:
-        return checkpoint(forward, hidden_states, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, hidden_states, *args, use_reentrant=False, **contexts, **kwargs)
+    layer_idx = attention.layer_idx
     past_keys, past_values = layer_past(shared, layer_idx)
 
     def run(h: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -49,7 +62,7 @@ def _checkpointed_forward(forward: Callable, layer_idx: int, cache_kw: str, hidd
         out = forward(h, *args, **{**kwargs, cache_kw: local})
         return out, local.new_keys, local.new_values
 
-    out, new_keys, new_values = checkpoint(run, hidden_states, past_keys, past_values, use_reentrant=False)
+    out, new_keys, new_values = checkpoint(run, hidden_states, past_keys, past_values, use_reentrant=False, **contexts)
     shared.update(new_keys, new_values, layer_idx)
     return out
 
@@ -61,4 +74,4 @@ def enable_latent_checkpointing(decoder_layers: nn.ModuleList) -> None:
         if attention is None or not hasattr(attention, "layer_idx"):
             raise TypeError(f"{type(layer).__name__}: expected a decoder layer with self_attn.layer_idx")
         forward = layer.forward
-        layer.forward = functools.partial(_checkpointed_forward, forward, attention.layer_idx, cache_keyword(forward))
+        layer.forward = functools.partial(_checkpointed_forward, forward, attention, cache_keyword(forward))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from coconut import Coconut
 from dataset import MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
+from hf_compat import ONE_TOKEN_SDPA
 from latent_checkpoint import enable_latent_checkpointing
 from tests.latent_reference import reference_forward
 from tests.test_coconut_text import (
@@ -40,6 +43,19 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.__name__.split(".")[0] in HOST_READS
         return func(*args, **(kwargs or {}))
+
+
+class RepeatedKV(TorchDispatchMode):
+    """Counts K/V repeated per query head (repeat_kv's expand to [B, kv heads, groups, L > 1, D])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.count += func.__name__.startswith("expand") and out.dim() == 5 and out.shape[3] > 1
+        return out
 
 
 def dynamic_rope_lm(seed: int):
@@ -81,7 +97,8 @@ def test_static_decoder_equals_cache_decoder(rope):
     start = batch["input_ids"].shape[1]
     for idx, layer in enumerate(general.prompt.cache.layers):
         for ours, theirs in ((static.cache.keys[idx], layer.keys), (static.cache.values[idx], layer.values)):
-            torch.testing.assert_close(ours[:, :, : start + steps], theirs, rtol=1e-5, atol=1e-6)
+            # fp32 rounding only: the static steps' attention reads the K/V heads grouped
+            torch.testing.assert_close(ours[:, :, : start + steps], theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_static_decoder_pads_after_eos_and_stops_writing():
@@ -177,3 +194,52 @@ def test_unpadded_batch_runs_without_a_mask_and_equals_reference():
     stepper = coconut.adapter.latent_stepper(model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"], batch["position_ids"])
     assert stepper is not None and stepper.mask is None
     torch.testing.assert_close(coconut(**batch).loss, ref_loss, rtol=1e-5, atol=1e-6)
+
+
+class _Attention(torch.nn.Module):
+    num_key_value_groups = 2
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_one_token_attention_equals_repeated_heads(padded):
+    """The grouped one-token attention gives sdpa over K/V repeated per query head: output and grads."""
+    torch.manual_seed(13)
+    query = torch.randn(3, 4, 1, 8, requires_grad=True)
+    key, value = (torch.randn(3, 2, 9, 8, requires_grad=True) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False
+    mask = mask if padded else None
+    ours, _ = ALL_ATTENTION_FUNCTIONS[ONE_TOKEN_SDPA](_Attention(), query, key, value, mask, scaling=0.3)
+    reference = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask, scale=0.3
+    ).transpose(1, 2)
+    torch.testing.assert_close(ours, reference)
+    weights = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad((ours * weights).sum(), (query, key, value))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (query, key, value))
+    for a, b in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_one_token_steps_keep_kv_heads_grouped():
+    """On a padded batch, neither the latent passes (their K/V are kept for the backward) nor the
+    decode steps repeat K/V per query head; the multi-token passes may (transformers' sdpa)."""
+    model = tiny_lm(seed=14)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9], 3, [12, EOS])])
+    batch.pop("idx")
+    assert not bool(batch["attention_mask"].all())
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"])
+    column = int((batch["input_ids"][0] == LATENT).nonzero()[0])
+    cache = DynamicCache(config=model.config)
+    coconut.adapter.decode(embeds[:, :column], batch["attention_mask"][:, :column], batch["position_ids"][:, :column], cache)
+    with RepeatedKV() as repeats:
+        hidden = stepper(embeds[:, column : column + 1], column, cache)
+        hidden.sum().backward()
+    assert repeats.count == 0
+    with torch.no_grad():
+        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(**padded_prompts()), 6, EOS, PAD)
+        with RepeatedKV() as repeats:
+            run(decoder, 5)
+    assert repeats.count == 0
