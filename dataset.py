@@ -178,16 +178,23 @@ class MyCollator:
 
     Samples with latents are left-padded (position_ids restart at 0 after the padding,
     attention_mask 0 on it); then everything is right-padded to the longest sample.
+    column_multiple > 1 rounds that column up to a multiple of it, so that batches share the
+    shapes of their one-token latent passes (CUDA graphs are recorded once per shape).
     """
 
-    def __init__(self, pad_token_id: int, latent_id: int, label_pad_token_id: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self, pad_token_id: int, latent_id: int, label_pad_token_id: int = IGNORE_INDEX, column_multiple: int = 1
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.latent_id = latent_id
         self.label_pad_token_id = label_pad_token_id
+        self.column_multiple = column_multiple
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         firsts = [_first_index(f["input_ids"], self.latent_id) for f in features]
         column = max((c for c in firsts if c is not None), default=None)
+        if column is not None:
+            column = -(-column // self.column_multiple) * self.column_multiple
         padded = []
         for f, first in zip(features, firsts):
             n_left = 0 if first is None else column - first

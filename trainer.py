@@ -176,7 +176,7 @@ class Run:
 
     def _collator(self) -> MyCollator:
         cls = MultimodalCollator if self.config.multimodal else MyCollator
-        return cls(self.tokenizer.pad_token_id, self.ids.latent)
+        return cls(self.tokenizer.pad_token_id, self.ids.latent, column_multiple=self.config.latent_column_multiple)
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class Config:
     freeze_llm: bool = False
     activation_checkpointing: bool = False
     compile_latent_passes: Literal["default", "reduce-overhead"] | None = None
+    latent_column_multiple: int = 1
     # --- optimisation and evaluation -------------------------------------------------------
     lr_scheduler: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = 0.0
@@ -124,7 +125,7 @@ class Config:
 
 _POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
              "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
-             "video_tiles", "num_frames", "log_every", "dist_timeout_s")
+             "video_tiles", "num_frames", "log_every", "dist_timeout_s", "latent_column_multiple")
 _NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "lr", "weight_decay", "max_grad_norm")
 
 

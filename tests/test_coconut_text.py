@@ -100,6 +100,25 @@ def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
         assert counters["stats"]["unique_graphs"] == graphs  # other lengths and latent counts: no recompile
 
 
+def test_latent_column_multiple_leaves_loss_and_grads_unchanged():
+    """Rounding the latent column up (latent_column_multiple: more left padding, masked) is exact."""
+    feats = [sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9], 2, [12, EOS])]
+    model = tiny_lm()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    runs = []
+    for multiple in (1, 8):
+        batch = MyCollator(PAD, LATENT, column_multiple=multiple)(feats)
+        batch.pop("idx")
+        model.zero_grad()
+        loss = coconut(**batch).loss
+        loss.backward()
+        runs.append((int((batch["input_ids"][0] == LATENT).nonzero()[0]), loss.detach(), grads(model)))
+    (column, loss, grad), (padded_column, padded_loss, padded_grad) = runs
+    assert (column, padded_column) == (4, 8)
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(padded_grad, grad)
+
+
 def test_checkpointing_recomputes_in_backward():
     """The checkpointed path really drops activations: backward re-runs each layer's forward."""
     model = tiny_lm()

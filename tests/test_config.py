@@ -45,6 +45,7 @@ def test_multimodal_defaults_to_internvl3_pretrained():
         ({"num_epochs": 0}, "key 'num_epochs': must be > 0"),
         ({"c_thought": -1}, "key 'c_thought': must be > 0"),
         ({"max_tiles": 0}, "key 'max_tiles': must be > 0"),
+        ({"latent_column_multiple": 0}, "key 'latent_column_multiple': must be > 0"),
         ({"uniform_prob": 1.5}, "key 'uniform_prob'"),
         ({"prompt_format": "chatml"}, "key 'prompt_format': expected one of"),
         ({"multimodal": True}, "key 'image_dir': required"),

@@ -10,6 +10,7 @@ import model_setup
 import run
 import trainer
 from checkpoint import complete_checkpoints
+from multimodal.collator_mm import MultimodalCollator
 from tests.run_helpers import demo_config, metrics, weights
 
 
@@ -99,3 +100,32 @@ def test_config_errors_surface_before_model_loading(tmp_path, tiny_model_dir, mo
         assert run.main([str(config)]) == 2
         err = capsys.readouterr().err
         assert message in err and str(config) in err, (name, err)
+
+
+def test_latent_column_multiple_pads_the_training_batches_and_keeps_the_results(tmp_path, tiny_model_dir, monkeypatch):
+    """latent_column_multiple reaches the collator (columns become multiples of it); the padding is
+    masked, so validation loss and accuracy stay those of the unpadded run."""
+    columns = []
+    collate = MultimodalCollator.__call__
+
+    def recording(self, features):
+        batch = collate(self, features)
+        latent = (batch["input_ids"] == self.latent_id).nonzero()
+        if len(latent):
+            columns.append(int(latent[:, 1].min()))
+        return batch
+
+    monkeypatch.setattr(MultimodalCollator, "__call__", recording)
+    keys = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=1, num_workers=0)
+    results = {}
+    for multiple in (1, 64):
+        columns.clear()
+        config = demo_config(tmp_path, tiny_model_dir, name=f"m{multiple}", latent_column_multiple=multiple, **keys)
+        assert run.main([str(config)]) == 0
+        results[multiple] = (metrics(tmp_path / "checkpoints" / f"m{multiple}"), list(columns))
+    (plain, plain_columns), (padded, padded_columns) = results[1], results[64]
+    assert plain_columns and any(c % 64 for c in plain_columns)
+    assert padded_columns and all(c % 64 == 0 for c in padded_columns)
+    for a, b in zip(plain, padded, strict=True):
+        assert a["accuracy"] == b["accuracy"]
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4 * a["val_loss"]
