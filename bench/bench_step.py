@@ -2,7 +2,7 @@
 
 `python -m bench.bench_step [--tiny | --host-proxy] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8]
 [--tiles 5] [--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
-[--ragged 0] [--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
+[--ragged 0] [--shapes 1] [--column-multiple 1] [--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
 
 Builds the model from its config in the target dtype (no download; --tiny loads the offline tiny
 checkpoint instead, --host-proxy builds the full depth at toy width), collates a synthetic batch
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -141,11 +142,15 @@ class Bench:
     coconut: Coconut
     ids: TokenIds
     layout: Layout
-    batch: dict[str, torch.Tensor]
+    batches: list[dict[str, torch.Tensor]]  # the step modes cycle through them (--shapes)
+    sft_ids: list[torch.Tensor]  # each batch's ids for the plain step
     prompts: dict[str, torch.Tensor]
-    sft_ids: torch.Tensor
     n_labels: int
     flops: dict[str, float]
+
+    @property
+    def batch(self) -> dict[str, torch.Tensor]:
+        return self.batches[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +244,11 @@ def _side(size: int | Sequence[int]) -> int:
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
-def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int) -> list[dict[str, Any]]:
-    """Random samples in the training layout; labels on the answer and eos only."""
+def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int, shift: int = 0) -> list[dict[str, Any]]:
+    """Random samples in the training layout; labels on the answer and eos only.
+
+    shift moves `shift` tokens from the question to the answer: the same length, the latents earlier.
+    """
     gen = torch.Generator().manual_seed(seed)
 
     def text(n: int) -> list[int]:
@@ -249,8 +257,8 @@ def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int) -> 
     features = []
     for idx in range(layout.batch):
         latents = [ids.start_latent] + [ids.latent] * layout.latents + [ids.end_latent]
-        prompt = ids.image.block(layout.tiles) + text(layout.question_of(idx)) + latents
-        answer = text(layout.answer) + [ids.eos]
+        prompt = ids.image.block(layout.tiles) + text(layout.question_of(idx) - shift) + latents
+        answer = text(layout.answer + shift) + [ids.eos]
         input_ids = prompt + answer
         features.append(
             {
@@ -265,9 +273,11 @@ def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int) -> 
     return features
 
 
-def collate(features: list[dict[str, Any]], ids: TokenIds, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def collate(
+    features: list[dict[str, Any]], ids: TokenIds, device: str, dtype: torch.dtype, column_multiple: int = 1
+) -> dict[str, torch.Tensor]:
     """The training collator's batch (latent-aligned, tiles concatenated) on the device."""
-    batch = MultimodalCollator(ids.pad, ids.latent)(features)
+    batch = MultimodalCollator(ids.pad, ids.latent, column_multiple=column_multiple)(features)
     del batch["idx"]
     return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
 
@@ -466,18 +476,19 @@ def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
     return sum(sizes.values())
 
 
-def train_step(bench: Bench, loss_fn: Callable[[], torch.Tensor], flops: float) -> dict[str, Any]:
-    """Time zero_grad + loss + backward; the loss of the last run is reported, then saved_gib is
-    counted in one more forward, untimed."""
+def train_step(bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: float) -> dict[str, Any]:
+    """Time zero_grad + loss + backward, run i on batch i mod --shapes (loss_fn(i)); the loss of
+    the last run is reported, then saved_gib is counted in one more forward of batch 0, untimed."""
+    runs = itertools.count()
 
     def step() -> torch.Tensor:
         bench.model.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        loss = loss_fn(next(runs) % len(bench.batches))
         loss.backward()
         return loss.detach()
 
     timing, loss = timed(step, bench.args, profile=bench.args.profile)
-    saved_gib = round(saved_for_backward(loss_fn) / 2**30, 6)
+    saved_gib = round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6)
     return {**timing, "loss": float(loss), "saved_gib": saved_gib, **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
 
 
@@ -504,22 +515,22 @@ def decode_rates(
 
 
 def mode_vision(bench: Bench) -> dict[str, Any]:
-    pixel_values = bench.batch["pixel_values"]
+    pixel_values = bench.batch["pixel_values"]  # every batch has the same tile count
     line = train_step(
         bench,
-        lambda: image_features(bench.model, pixel_values).float().square().mean(),
+        lambda i: image_features(bench.model, pixel_values).float().square().mean(),
         bench.flops["vision"] + bench.flops["projector"],
     )
     return {**line, "tiles": pixel_values.shape[0]}
 
 
 def mode_sft(bench: Bench) -> dict[str, Any]:
-    line = train_step(bench, lambda: sft_loss(bench.model, bench.sft_ids, bench.batch), bench.flops["step"])
-    return {**line, "tokens": bench.sft_ids.numel()}
+    line = train_step(bench, lambda i: sft_loss(bench.model, bench.sft_ids[i], bench.batches[i]), bench.flops["step"])
+    return {**line, "tokens": bench.sft_ids[0].numel()}
 
 
 def mode_coconut(bench: Bench) -> dict[str, Any]:
-    line = train_step(bench, lambda: bench.coconut(**bench.batch).loss, bench.flops["step"])
+    line = train_step(bench, lambda i: bench.coconut(**bench.batches[i]).loss, bench.flops["step"])
     return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
 
 
@@ -542,7 +553,7 @@ def compiled_coconut(mode: str) -> Callable[[Bench], dict[str, Any]]:
 
 
 def mode_naive(bench: Bench) -> dict[str, Any]:
-    line = train_step(bench, lambda: naive_loss(bench.model, bench.ids.latent, bench.batch), bench.flops["step"])
+    line = train_step(bench, lambda i: naive_loss(bench.model, bench.ids.latent, bench.batches[i]), bench.flops["step"])
     return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
 
 
@@ -675,6 +686,8 @@ def header(bench: Bench, argv: Sequence[str], params: dict[str, Any]) -> dict[st
             "prompt": bench.layout.prompt,
             "seq": bench.layout.seq,
             "label_tokens": bench.n_labels,
+            # first latent column of each step batch (--shapes; --column-multiple pads it up)
+            "latent_columns": [int((b["input_ids"][0] == bench.ids.latent).nonzero()[0]) for b in bench.batches],
         },
         "flops": bench.flops,
     }
@@ -719,6 +732,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--answer", type=at_least(0), default=64, help="answer tokens before eos")
     p.add_argument("--ragged", type=at_least(0), default=0,
                    help="questions up to this many tokens shorter across the batch: left padding, as real data has")
+    p.add_argument("--shapes", type=at_least(1), default=1,
+                   help="step modes cycle through this many batches, batch s with its latents s tokens earlier "
+                        "(question s shorter, answer s longer): a real run's mix of latent columns")
+    p.add_argument("--column-multiple", type=at_least(1), default=1,
+                   help="the collator's column_multiple (config latent_column_multiple): latent column rounded up")
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens every decode run generates")
@@ -733,8 +751,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the JSON lines here too")
     args = p.parse_args(argv)
-    if args.ragged > args.question:
-        p.error(f"--ragged {args.ragged} exceeds --question {args.question}: questions cannot be shorter than empty")
+    if args.ragged + args.shapes - 1 > args.question:
+        p.error(f"--ragged {args.ragged} + --shapes {args.shapes} - 1 exceeds --question {args.question}: "
+                "questions cannot be shorter than empty")
     return args
 
 
@@ -752,15 +771,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     layout = Layout(
         args.batch, args.tiles, ids.image.per_tile * args.tiles, args.question, args.latents, args.answer, args.ragged
     )
-    features = make_features(layout, ids, _side(model.config.vision_config.image_size), args.seed)
     dtype = DTYPES[args.dtype]
-    batch = collate(features, ids, args.device, dtype)
-    prompts = collate([prompt_of(f, ids.end_latent) for f in features], ids, args.device, dtype)
-    filler = torch.randint(0, ids.n_text, batch["input_ids"].shape, generator=torch.Generator().manual_seed(args.seed))
-    sft_ids = torch.where(batch["input_ids"] == ids.latent, filler.to(args.device), batch["input_ids"])
-    n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    batches, sft_ids = [], []
+    for shift in range(args.shapes):
+        features = make_features(layout, ids, _side(model.config.vision_config.image_size), args.seed, shift)
+        batches.append(collate(features, ids, args.device, dtype, args.column_multiple))
+        if shift == 0:
+            prompts = collate([prompt_of(f, ids.end_latent) for f in features], ids, args.device, dtype)
+        input_ids = batches[-1]["input_ids"]
+        filler = torch.randint(0, ids.n_text, input_ids.shape, generator=torch.Generator().manual_seed(args.seed))
+        sft_ids.append(torch.where(input_ids == ids.latent, filler.to(args.device), input_ids))
+    n_labels = int((batches[0]["labels"][:, 1:] != IGNORE_INDEX).sum())
     flops = step_flops(model, layout, n_labels, args.freeze_backbone)
-    bench = Bench(args, model, coconut, ids, layout, batch, prompts, sft_ids, n_labels, flops)
+    bench = Bench(args, model, coconut, ids, layout, batches, sft_ids, prompts, n_labels, flops)
     lines = [header(bench, argv, params)]
     emit(lines[0], args.out)
     results = {}

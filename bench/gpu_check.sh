@@ -2,11 +2,13 @@
 # One-shot check on one H100/H200 (no network; torch + transformers preinstalled), run from the repo root:
 #   OUT=/some/dir bash bench/gpu_check.sh
 # Most wanted first (the deadline skips what is left):
-# 1. default workload (batch 8, 5 tiles, bf16): sft, coconut, decode, decode_graph, coconut_graphed,
-#    coconut_compiled (compiles last: a timeout loses least; vision was measured before);
+# 1. default workload (batch 8, 5 tiles, bf16): sft, coconut, decode, decode_graph, coconut_graphed
+#    (compiles last: a timeout loses least; vision was measured before);
 # 2. the latent-loop and decoding equality tests (CPU and CUDA tensors; CUDA-graph decoding == eager);
 # 3. decoding at batch 32: decode, decode_step, decode_graph (the issue's decode target is at batch 32); batch 8
 #    left-padded as real data is (--ragged 8: transformers' masked attention paths): sft, coconut, decode_step;
+# 3b. reduce-overhead over a run's mix of latent columns (--shapes 7: each timed step a new column), with
+#    the columns bucketed (--column-multiple 64: graphs replayed) and without (graphs recorded each step);
 # 4. batch 2: sft, coconut, coconut_graphed, naive (vision re-run every pass), naive_decode — naive at
 #    batch 8 would not fit; if naive does not complete at batch 2 (an H100 has ~78 GiB), again at batch 1;
 # 5. one profiled run each of sft, coconut, decode at batch 8 (op and launch counts, busy GPU ms, top ops);
@@ -61,12 +63,14 @@ fi
 "$PYTHON" -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 if [[ "${TINY:-0}" == 1 ]]; then DECODE_GRAPH=; else DECODE_GRAPH=,decode_graph; fi
-bench 240 --batch 8 --modes sft,coconut,decode$DECODE_GRAPH,coconut_graphed,coconut_compiled
+bench 240 --batch 8 --modes sft,coconut,decode$DECODE_GRAPH,coconut_graphed
 # (the compiled-pass tests run on CPU tensors, the same as in CI: left out here for time)
 step 120 "$PYTHON" -m pytest -q -rs tests/test_coconut_text.py tests/test_coconut_mm.py tests/test_decoder_steps.py \
   -k "not (reference and (default or reduce))"
 bench 90 --batch 32 --iters 3 --warmup 1 --modes decode,decode_step$DECODE_GRAPH
 bench 60 --batch 8 --ragged 8 --modes sft,coconut,decode_step
+bench 150 --batch 8 --shapes 7 --column-multiple 64 --modes sft,coconut,coconut_graphed
+bench 150 --batch 8 --shapes 7 --modes sft,coconut_graphed
 bench 150 --batch 2 --modes sft,coconut,coconut_graphed,naive,naive_decode
 if ! grep -q '"mode": "naive", "ms_median"' "$JSONL" 2>/dev/null; then
   log "=== naive did not complete at batch 2: batch 1"

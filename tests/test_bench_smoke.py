@@ -120,4 +120,20 @@ def test_ragged_batch_is_left_padded_and_still_exact(tiny_model_dir):
 def test_ragged_beyond_the_question_is_refused(capsys):
     with pytest.raises(SystemExit):
         main([*SMALL, "--ragged", "9"])
-    assert "--ragged 9 exceeds --question 8" in capsys.readouterr().err
+    assert "exceeds --question 8" in capsys.readouterr().err
+
+
+def test_shapes_cycle_latent_columns_and_column_multiple_aligns_them(tiny_model_dir):
+    """--shapes 3: three latent columns, as a real run's batches have; --column-multiple 16 pads them to one."""
+    mixed = main([*SMALL, "--shapes", "3", "--modes", "coconut,naive"])
+    aligned = main([*SMALL, "--shapes", "3", "--column-multiple", "16", "--modes", "coconut,naive"])
+    columns = mixed[0]["layout"]["latent_columns"]
+    assert len(set(columns)) == 3
+    assert aligned[0]["layout"]["latent_columns"] == [16] * 3  # 4 image + 2 + 8 question + 1 = 15, rounded up
+    for lines in (mixed, aligned):
+        by_mode = {line["mode"]: line for line in lines}
+        assert all("error" not in line for line in lines), lines
+        assert by_mode["coconut"]["loss"] == pytest.approx(by_mode["naive"]["loss"], rel=1e-4)
+    # padding only moves the latents right: the same samples give the same loss (last run: batch 0)
+    assert {l["mode"]: l for l in aligned}["coconut"]["loss"] == pytest.approx(
+        {l["mode"]: l for l in mixed}["coconut"]["loss"], rel=1e-4)
