@@ -478,7 +478,9 @@ def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
 
 def train_step(bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: float) -> dict[str, Any]:
     """Time zero_grad + loss + backward, run i on batch i mod --shapes (loss_fn(i)); the loss of
-    the last run is reported, then saved_gib is counted in one more forward of batch 0, untimed."""
+    the last run is reported, then saved_gib is counted in one more forward of batch 0, untimed
+    (not with compiled latent passes: under CUDA graphs a forward left without its backward
+    holds the graph tree back, and what a compiled graph saves is the compiler's choice)."""
     runs = itertools.count()
 
     def step() -> torch.Tensor:
@@ -488,7 +490,7 @@ def train_step(bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: floa
         return loss.detach()
 
     timing, loss = timed(step, bench.args, profile=bench.args.profile)
-    saved_gib = round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6)
+    saved_gib = None if bench.coconut.compile_latent_passes else round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6)
     return {**timing, "loss": float(loss), "saved_gib": saved_gib, **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
 
 

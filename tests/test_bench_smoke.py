@@ -94,6 +94,7 @@ def test_compiled_mode_measures_the_same_loss(tiny_model_dir):
     by_mode = {line["mode"]: line for line in lines}
     assert EXPECTED_KEYS["coconut_compiled"] <= by_mode["coconut_compiled"].keys()
     assert by_mode["coconut_compiled"]["loss"] == pytest.approx(by_mode["coconut"]["loss"], rel=1e-5)
+    assert by_mode["coconut"]["saved_gib"] > 0 and by_mode["coconut_compiled"]["saved_gib"] is None
     assert "coconut_compiled_over_sft_ms" not in by_mode["summary"]  # no sft in this run
 
 
