@@ -223,7 +223,9 @@ def test_one_token_attention_equals_repeated_heads(padded):
 
 def test_one_token_steps_keep_kv_heads_grouped():
     """On a padded batch, neither the latent passes (their K/V are kept for the backward) nor the
-    decode steps repeat K/V per query head; the multi-token passes may (transformers' sdpa)."""
+    decode steps repeat K/V per query head; the multi-token passes may (transformers' sdpa).
+    transformers 5.24 keeps one token's heads grouped itself (eager); under 5.17 this test fails
+    without hf_compat.one_token_attention."""
     model = tiny_lm(seed=14)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9], 3, [12, EOS])])
