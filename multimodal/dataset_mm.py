@@ -18,14 +18,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dataset import DataError, load_records, tokenize_sample
+from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
 from multimodal.transforms import ImageLoadError, ImageTransform
 from utils import Config
 
-IMAGE_PLACEHOLDER = "<image>"
-PROMPT_TEMPLATES = {
-    "plain": "{media}{question}\n",
-    "internvl2_5": "<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n",
-}
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 

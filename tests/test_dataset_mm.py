@@ -69,7 +69,11 @@ def test_prompt_formats(tmp_path, processor):
     assert tok.decode(plain[0]["question_tokenized"]).endswith("</img>\nWhat shape?\n")
     chat, _ = get_mm_dataset(path, tok, tokens, cfg(image_dir, prompt_format="internvl2_5"))
     text = tok.decode(chat[0]["question_tokenized"])
-    assert text.startswith("<|im_start|>user\n<img>") and text.endswith("</img>\nWhat shape?<|im_end|>\n<|im_start|>assistant\n")
+    # InternVL's template `internvl2_5` (its conversation.py), system turn included, spelled out here
+    system = ("<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+              "多模态大语言模型。<|im_end|>\n")
+    assert text.startswith(system + "<|im_start|>user\n<img>")
+    assert text.endswith("</img>\nWhat shape?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_collator_concatenates_tiles_in_batch_order(tmp_path, processor):
