@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -18,6 +20,16 @@ def subprocess_env() -> dict[str, str]:
     """Environment for a CLI subprocess: this repo importable, ahead of (not instead of) PYTHONPATH."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def torchrun(config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None,
+             args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """run.py CONFIG under `torchrun --standalone --nproc_per_node nproc` (gloo on CPU), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(REPO / "run.py"), str(config), *args],
+        cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
 
 
 def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overrides) -> Path:
