@@ -1,7 +1,7 @@
 """COCONUT's latent loop: continuous thoughts fed back as input embeddings.
 
 The i-th latent position receives the final-layer (post-norm) hidden state of the position just
-before it, computed with latents 1..i-1 already in place (DESIGN.md §1). With latents aligned to
+before it, computed with latents 1..i-1 already in place (docs/design.md §1). With latents aligned to
 one column by the collator, n latents take n+1 passes over the language model; a DynamicCache
 makes each token processed once. Images are encoded once per forward, before the loop.
 

@@ -1,7 +1,7 @@
 """Text data path: records → tokens → stage-scheduled samples → latent-aligned batches.
 
 Semantics follow the original COCONUT dataset.py (get_dataset, get_cot_latent_dataset,
-get_question_latent_dataset, MyCollator); see DESIGN.md §1.
+get_question_latent_dataset, MyCollator); see docs/design.md §1 and §3.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Process group set-up and FSDP2 sharding for the latent loop (DESIGN.md §3b)."""
+"""Process group set-up and FSDP2 sharding for the latent loop (docs/design.md §4)."""
 
 from __future__ import annotations
 

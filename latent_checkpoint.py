@@ -5,7 +5,7 @@ so the latent loop would silently compute wrong logits; plain torch.utils.checkp
 layer that appends to the shared cache appends K/V a second time when it recomputes in backward.
 Here each checkpointed layer call gets its own one-layer cache holding exactly the past K/V it
 saw (passed in as checkpoint inputs) and returns its new K/V; they are appended to the shared
-cache outside the checkpointed region (DESIGN.md §3b). The recomputation runs the attention
+cache outside the checkpointed region (docs/design.md §5). The recomputation runs the attention
 function the forward ran (one-token steps switch it, hf_compat.one_token_attention).
 """
 

@@ -70,13 +70,13 @@ OPT_IN_MODES = ("coconut_compiled", "coconut_graphed")  # run only when --modes 
 STEP_MODES = ("vision", "sft", "coconut", "naive", "coconut_compiled", "coconut_graphed")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-# InternVL3-1B (DESIGN.md §2): vocabulary and special-token ids of the real tokenizer.
+# InternVL3-1B (docs/design.md §3): vocabulary and special-token ids of the real tokenizer.
 VOCAB = 151674
 PAD_ID, EOS_ID, IMG_START_ID, IMG_END_ID, IMG_CONTEXT_ID = 151643, 151645, 151665, 151666, 151667
 # The host-overhead proxy's small vocabulary: ordinary text ids below PROXY_PAD.
 PROXY_VOCAB, PROXY_PAD, PROXY_EOS, PROXY_IMAGE = 995, 990, 991, (992, 994, 993)  # image: start, context, end
-# Parameter counts of the real model (DESIGN.md §2, vocabulary 151674).
-DESIGN_PARAMS = {
+# Parameter counts of the real model (docs/design.md §8, vocabulary 151674).
+REFERENCE_PARAMS = {
     "vision_tower": 304_012_288,
     "projector": 4_482_816,
     "lm_body": 357_898_112,
@@ -186,7 +186,7 @@ def host_proxy_config(rope: str) -> InternVLConfig:
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters by component, named as in DESIGN.md §2."""
+    """Parameters by component, named as in docs/design.md §8."""
 
     def count(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -227,8 +227,8 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, TokenIds, dict[str
             n_text, pad, eos, image_ids = QWEN25_SPECIAL_START_ID, PAD_ID, EOS_ID, (IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID)
         image = ImageTokens(*image_ids, model.config.image_seq_length)
     counts = param_counts(model)
-    if not (args.tiny or args.host_proxy) and counts != DESIGN_PARAMS:
-        raise RuntimeError(f"full-size parameter counts {counts} differ from DESIGN.md §2 {DESIGN_PARAMS}")
+    if not (args.tiny or args.host_proxy) and counts != REFERENCE_PARAMS:
+        raise RuntimeError(f"full-size parameter counts {counts} differ from docs/design.md §8 {REFERENCE_PARAMS}")
     vocab = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(vocab + 3, mean_resizing=False)  # start, latent, end (add_latent_tokens' order)
     ids = TokenIds(n_text, pad, eos, image, vocab, vocab + 1, vocab + 2)

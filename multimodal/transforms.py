@@ -1,7 +1,7 @@
 """Image loading and InternVL dynamic tiling.
 
-Tiling is ``dynamic_preprocess`` + ``build_transform`` from the InternVL3 model card (DESIGN.md
-section 2), because the vision tower was trained on exactly those tiles. transformers'
+Tiling is ``dynamic_preprocess`` + ``build_transform`` from the InternVL3 model card (docs/design.md
+§3), because the vision tower was trained on exactly those tiles. transformers'
 ``GotOcr2ImageProcessorPil`` computes it bit for bit (PIL bicubic, the same grid choice) for the
 only case used here, ``min_patches=1``; the tests compare it with the model card's code.
 ``GotOcr2ImageProcessor`` (the torchvision backend) is not used: its torch bicubic resize gives
