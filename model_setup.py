@@ -12,15 +12,12 @@ from torch import nn
 from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from dataset import LatentIds
-from utils import Config, ConfigError
+from errors import ConfigError, ModelSetupError
+from utils import Config
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 # The original initialises new token rows from "<<" (COCONUT issue #41: not from themselves).
 INIT_FROM = "<<"
-
-
-class ModelSetupError(ValueError):
-    """A model, tokenizer or checkpoint that does not fit the run."""
 
 
 def add_latent_tokens(tokenizer: Any, model: nn.Module) -> LatentIds:

@@ -19,12 +19,10 @@ import numpy as np
 import torch
 import yaml
 
+from errors import ConfigError
+
 DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"
 METHOD_KEYS = ("coconut", "cot", "no_thoughts", "no_cot")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported with the file and key it concerns."""
 
 
 @dataclasses.dataclass
