@@ -24,16 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
+
 PREFIX = "checkpoint_"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 MODEL_DIR = "model"
 WRAPPER_PREFIX = "base_causallm."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read, named with its path."""
 
 
 @dataclasses.dataclass

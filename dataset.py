@@ -17,13 +17,10 @@ from typing import Any
 
 import torch
 
+from errors import DataError  # defined there so that run.py refuses bad input before torch loads
 from utils import Config
 
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """A problem with an input file, reported with its path, record index and key."""
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:

@@ -12,15 +12,12 @@ from torch import nn
 from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from dataset import LatentIds
-from utils import Config, ConfigError
+from errors import ConfigError, ModelSetupError
+from utils import Config
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 # The original initialises new token rows from "<<" (COCONUT issue #41: not from themselves).
 INIT_FROM = "<<"
-
-
-class ModelSetupError(ValueError):
-    """A model, tokenizer or checkpoint that does not fit the run."""
 
 
 def add_latent_tokens(tokenizer: Any, model: nn.Module) -> LatentIds:
@@ -84,11 +81,18 @@ def check_image_size(model_dir: str | Path, image_size: int) -> None:
                           f"(image_size {native}, patch size {patch} in {path}); set image_size: {native}")
 
 
-def load_processor(model_dir: str | Path, multimodal: bool) -> Any:
-    """AutoProcessor for InternVL (tiling + tokenizer), AutoTokenizer for text-only models."""
-    if multimodal:
-        return AutoProcessor.from_pretrained(model_dir)
-    return AutoTokenizer.from_pretrained(model_dir)
+def load_processor(model_dir: str | Path, multimodal: bool, trust_remote_code: bool = False) -> Any:
+    """AutoProcessor for InternVL (tiling + tokenizer), AutoTokenizer for text-only models.
+
+    trust_remote_code is always passed: left unset, transformers asks on stdin whether to run a directory's
+    auto_map code, and a "y" (or a script's piped input) runs it. InternVL never runs it (see load_base_model).
+    """
+    try:
+        if multimodal:
+            return AutoProcessor.from_pretrained(model_dir, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except _LOAD_ERRORS as e:
+        raise _cannot_load("processor" if multimodal else "tokenizer", model_dir, e) from None
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -105,5 +109,29 @@ def load_base_model(model_dir: str | Path, multimodal: bool, trust_remote_code: 
     try:
         return cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
                                    trust_remote_code=trust_remote_code and not multimodal)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-        raise ModelSetupError(f"{model_dir}: cannot load the model: {e}") from None
+    except _LOAD_ERRORS as e:
+        raise _cannot_load("model", model_dir, e) from None
+
+
+# What from_pretrained raises for a directory it cannot use (missing or corrupt files, unknown classes,
+# refused remote code); anything else is a bug and keeps its traceback.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+_AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _cannot_load(what: str, model_dir: str | Path, error: Exception) -> ModelSetupError:
+    """One line for a failed from_pretrained; transformers' refusal of remote code becomes the config key to set."""
+    maps = [name for name in _AUTO_MAP_FILES if "auto_map" in _json_or_empty(Path(model_dir) / name)]
+    if maps and "trust_remote_code" in str(error):
+        return ModelSetupError(
+            f"{model_dir}: cannot load the {what} without running the directory's own code (auto_map in "
+            f"{', '.join(maps)}); it runs only with trust_remote_code: true, for text-only models")
+    return ModelSetupError(f"{model_dir}: cannot load the {what}: {' '.join(str(error).split())}")
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -2,60 +2,86 @@
 
     torchrun --nproc_per_node N run.py args/coconut_vl3_1b.yaml   # train (FSDP2 when N > 1)
     python run.py args/demo.yaml                                   # one process, CPU or one GPU
+    python run.py args/demo.yaml num_epochs=2 lr=1e-4              # KEY=VALUE overrides, values read as YAML
     python run.py --export CHECKPOINT_DIR OUT_DIR                  # plain HF model + processor
+
+Only light modules are imported at the top: a bad config or override is refused before torch and
+transformers load (they take seconds), on every rank of a torchrun launch alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from checkpoint import CheckpointError
-from dataset import DataError
-from model_setup import ModelSetupError
-from utils import Config, ConfigError, check_launch, check_paths, load_config
+from errors import USER_ERRORS
+from utils import TINY_PREFIX, Config, Origin, check_launch, check_paths, load_config
 
-TINY_PREFIX = "tiny:"
-
-# Errors a user can fix from the message alone: printed as one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError)
+__all__ = ["USER_ERRORS", "load_config", "main", "one_line"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="COCONUT continuous-thought training for InternVL3 and causal LMs")
     parser.add_argument("config_file", nargs="?", help="YAML run configuration")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config keys set on top of the file, values read as YAML (e.g. lr=1e-4 name=try2)")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
                         help="write a checkpoint's model + processor as a plain HF directory and exit")
-    args = parser.parse_args(argv)
-    if (args.config_file is None) == (args.export is None):
-        parser.error("give a config file, or --export CHECKPOINT OUT_DIR")
-    try:
-        if args.export:
-            from export import export_checkpoint
+    return parser
 
-            print(export_checkpoint(*args.export))
-            return 0
-        config = load_config(args.config_file)
-        check_paths(config, args.config_file)
-        check_launch(config, args.config_file)
-        maybe_build_demo_model(config)
-        from trainer import run  # heavy imports only after the config is known to be good
 
-        run(config)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+def train_mode(args: argparse.Namespace) -> int:
+    """The default mode: validate the config (cheap, light imports), then train or evaluate."""
+    config = load_config(args.config_file, args.overrides)
+    origin = Origin(args.config_file, tuple(args.overrides))
+    check_paths(config, origin)
+    check_launch(config, origin)
+    maybe_build_demo_model(config)
+    from trainer import run  # heavy imports only after the config is known to be good
+
+    run(config)
     return 0
 
 
+def export_mode(args: argparse.Namespace) -> int:
+    from export import export_checkpoint
+
+    print(export_checkpoint(*args.export))
+    return 0
+
+
+# Modes chosen by a flag (`--NAME ...`) instead of a config file; a new mode is a parser argument plus an entry here.
+FLAG_MODES: dict[str, Callable[[argparse.Namespace], int]] = {"export": export_mode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = [name for name in FLAG_MODES if getattr(args, name) is not None]
+    if len(flags) > 1:
+        parser.error(f"choose one of {', '.join('--' + f for f in flags)}")
+    if flags and (args.config_file is not None or args.overrides):
+        parser.error(f"--{flags[0]} takes no config file or KEY=VALUE overrides")
+    if not flags and args.config_file is None:
+        parser.error(f"give a config file, or one of {', '.join('--' + f for f in FLAG_MODES)}")
+    mode = FLAG_MODES[flags[0]] if flags else train_mode
+    try:
+        return mode(args)
+    except USER_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
 def one_line(error: Exception) -> str:
-    """The error's own message. A DataLoader worker's error is re-raised in the main process with
-    the worker's traceback as its message ("Caught ... Original Traceback ..."); the original
-    message is that traceback's last line, after the exception's name."""
+    """The error's own message on one line. A DataLoader worker's error is re-raised in the main process
+    with the worker's traceback as its message ("Caught ... Original Traceback ..."); the original
+    message is that traceback's last line, after the exception's name. Messages quoted from libraries
+    (transformers, huggingface_hub) can span lines: their lines are joined."""
     text = str(error).strip()
     if text.startswith("Caught ") and "\nOriginal Traceback" in text:
         return text.splitlines()[-1].split(": ", 1)[-1]
-    return text
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def maybe_build_demo_model(config: Config) -> None:

@@ -1,30 +1,34 @@
-"""Typed, validated run configuration (YAML → Config) and small shared helpers.
+"""Typed, validated run configuration (YAML file + key=value overrides → Config) and small shared helpers.
 
 Every key of the original COCONUT recipe keeps its name and meaning; the multimodal port adds
 its own keys. All validation happens here, before any model is loaded, so a typo costs seconds.
+This module imports neither torch nor numpy: run.py refuses a bad config before they load.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import random
 import types
 import typing
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
-import numpy as np
-import torch
 import yaml
+
+from errors import ConfigError
 
 DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"
 METHOD_KEYS = ("coconut", "cot", "no_thoughts", "no_cot")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported with the file and key it concerns."""
+TINY_PREFIX = "tiny:"  # model_id "tiny:DIR": the offline tiny InternVL, built into DIR on first use
+# Upper bound of max_tiles and video_tiles (tiles of one image / one video frame). 128 InternVL3 tiles of 256
+# tokens fill the language model's whole 32768-token context, so more can never train; and transformers' tile-grid
+# search loops over max_tiles² grids (max_tiles: 100000 hangs it). InternVL itself trains with 12.
+MAX_TILES = 128
 
 
 @dataclasses.dataclass
@@ -126,7 +130,73 @@ class Config:
 _POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
              "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
              "video_tiles", "num_frames", "log_every", "dist_timeout_s", "latent_column_multiple")
-_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "lr", "weight_decay", "max_grad_norm")
+_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers")
+_HINTS = typing.get_type_hints(Config)
+# Every float key must be a finite number >= 0: `lr: .inf` trained to NaN weights, and `max_grad_norm: .nan`
+# switched clipping off (NaN compares false with everything, so no range check catches it).
+_FLOAT_KEYS = tuple(k for k, t in _HINTS.items() if t is float or float in typing.get_args(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a config's keys come from, for error messages: the file, or a KEY=VALUE override on top of it."""
+
+    file: str
+    overrides: Sequence[str] = ()
+
+    def of(self, *keys: object) -> str:
+        """The file, followed by the overrides (if any) that set one of keys."""
+        texts = [text for text in self.overrides if _override_key(text) in keys]
+        return ": ".join([self.file, *(f"override '{text}'" for text in texts)])
+
+
+def _override_key(text: str) -> str:
+    return text.partition("=")[0].strip()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then `key: ...` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = key in first_line
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first at line {first_line[key] + 1})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # its own message spans lines (with a caret drawing): keep one
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
+
+
+def _parse_overrides(origin: Origin) -> dict[str, Any]:
+    """KEY=VALUE texts → {key: value}, each value read as YAML, as it would be in the file."""
+    values: dict[str, Any] = {}
+    for text in origin.overrides:
+        where = f"{origin.file}: override '{text}'"
+        key, equals, value = text.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ConfigError(f"{where}: expected KEY=VALUE")
+        if key in values:
+            raise ConfigError(f"{where}: key '{key}' is overridden twice")
+        values[key] = _read_yaml(value, where)
+    return values
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -172,58 +242,85 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
-    """Build and validate a Config; every error names `source` and the key."""
+def config_from_dict(raw: dict[str, Any], source: str = "<config>", overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a Config from raw (read from `source`) with KEY=VALUE overrides on top.
+
+    Overrides are checked exactly as keys of the file; every error names the source, the override if one
+    set the key, and the key.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
-    hints = typing.get_type_hints(Config)
+    origin = Origin(source, tuple(overrides))
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), hints, n=1)
+    for key, value in {**raw, **_parse_overrides(origin)}.items():
+        if key not in _HINTS:
+            close = difflib.get_close_matches(str(key), _HINTS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{origin.of(key)}: unknown key '{key}'{hint}")
         try:
-            values[key] = _check_type(key, value, hints[key])
+            values[key] = _check_type(key, value, _HINTS[key])
         except ConfigError as e:
-            raise ConfigError(f"{source}: key '{key}': {e}") from None
+            raise ConfigError(f"{origin.of(key)}: key '{key}': {e}") from None
     config = Config(**values)
-    _check_values(config, source)
+    _check_values(config, origin)
     return config
 
 
-def _check_values(config: Config, source: str) -> None:
+def _check_values(config: Config, origin: Origin) -> None:
+    at = origin.of
     on = [k for k in METHOD_KEYS if getattr(config, k)]
     if len(on) > 1:
-        raise ConfigError(f"{source}: keys {on}: choose at most one method of {list(METHOD_KEYS)}")
+        raise ConfigError(f"{at(*on)}: keys {on}: choose at most one method of {list(METHOD_KEYS)}")
     if config.bf16 and config.fp16:
-        raise ConfigError(f"{source}: keys 'bf16' and 'fp16': choose one precision")
+        raise ConfigError(f"{at('bf16', 'fp16')}: keys 'bf16' and 'fp16': choose one precision")
+    for key in _FLOAT_KEYS:
+        value = getattr(config, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{at(key)}: key '{key}': must be a finite number >= 0, got {value}")
     for key in _POSITIVE:
         if getattr(config, key) <= 0:
-            raise ConfigError(f"{source}: key '{key}': must be > 0, got {getattr(config, key)}")
+            raise ConfigError(f"{at(key)}: key '{key}': must be > 0, got {getattr(config, key)}")
     for key in _NON_NEGATIVE:
         if getattr(config, key) < 0:
-            raise ConfigError(f"{source}: key '{key}': must be >= 0, got {getattr(config, key)}")
+            raise ConfigError(f"{at(key)}: key '{key}': must be >= 0, got {getattr(config, key)}")
+    for key in ("max_tiles", "video_tiles"):
+        if getattr(config, key) > MAX_TILES:
+            raise ConfigError(f"{at(key)}: key '{key}': at most {MAX_TILES} (that many tiles of 256 tokens fill "
+                              f"InternVL3's whole context), got {getattr(config, key)}")
     if not 0.0 <= config.uniform_prob <= 1.0:
-        raise ConfigError(f"{source}: key 'uniform_prob': must be in [0, 1], got {config.uniform_prob}")
+        raise ConfigError(f"{at('uniform_prob')}: key 'uniform_prob': must be in [0, 1], got {config.uniform_prob}")
     if not 0.0 <= config.warmup_ratio < 1.0:
-        raise ConfigError(f"{source}: key 'warmup_ratio': must be in [0, 1), got {config.warmup_ratio}")
+        raise ConfigError(f"{at('warmup_ratio')}: key 'warmup_ratio': must be in [0, 1), got {config.warmup_ratio}")
     if config.max_length is not None and config.max_length <= 0:
-        raise ConfigError(f"{source}: key 'max_length': must be > 0, got {config.max_length}")
+        raise ConfigError(f"{at('max_length')}: key 'max_length': must be > 0, got {config.max_length}")
+    name = PurePath(config.name)
+    if not name.parts or name.is_absolute() or ".." in name.parts:  # checkpoints (and clean-up) stay in save_path
+        raise ConfigError(f"{at('name')}: key 'name': must name a directory inside save_path (a relative path "
+                          f"without '..'), got {config.name!r}")
     if config.model_id is None:
-        raise ConfigError(f"{source}: key 'model_id': required for text-only runs (multimodal: false)")
+        raise ConfigError(f"{at('model_id')}: key 'model_id': required for text-only runs (multimodal: false)")
     if config.only_eval and config.load_model_path is None:
-        raise ConfigError(f"{source}: key 'load_model_path': only_eval needs a checkpoint to evaluate")
+        raise ConfigError(f"{at('load_model_path')}: key 'load_model_path': only_eval needs a checkpoint to evaluate")
     if not config.only_eval and config.train_path is None:
-        raise ConfigError(f"{source}: key 'train_path': required unless only_eval is true")
+        raise ConfigError(f"{at('train_path')}: key 'train_path': required unless only_eval is true")
     if config.val_path is None:
-        raise ConfigError(f"{source}: key 'val_path': required")
+        raise ConfigError(f"{at('val_path')}: key 'val_path': required")
     if config.multimodal and config.image_dir is None:
-        raise ConfigError(f"{source}: key 'image_dir': required when multimodal is true")
+        raise ConfigError(f"{at('image_dir')}: key 'image_dir': required when multimodal is true")
 
 
-def check_paths(config: Config, source: str = "<config>") -> None:
+def is_local_model_path(model_id: str) -> bool:
+    """A hub id is NAME or ORG/NAME; an absolute path, ./, ../, ~ or a deeper path can only be a local directory."""
+    return Path(model_id).is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1
+
+
+def _origin(source: str | Origin) -> Origin:
+    return source if isinstance(source, Origin) else Origin(source)
+
+
+def check_paths(config: Config, source: str | Origin = "<config>") -> None:
     """Check that inputs exist and save_path is writable — cheap, so it runs before model loading."""
+    at = _origin(source).of
     needed = {"val_path": config.val_path, "load_model_path": config.load_model_path}
     if not config.only_eval:
         needed["train_path"] = config.train_path
@@ -231,7 +328,13 @@ def check_paths(config: Config, source: str = "<config>") -> None:
         needed["image_dir"] = config.image_dir
     for key, path in needed.items():
         if path is not None and not Path(path).exists():
-            raise ConfigError(f"{source}: key '{key}': path does not exist: {path}")
+            raise ConfigError(f"{at(key)}: key '{key}': path does not exist: {path}")
+    model_id = config.model_id
+    if model_id is not None and not model_id.startswith(TINY_PREFIX):
+        local = Path(model_id).expanduser()
+        if (local.exists() or is_local_model_path(model_id)) and not local.is_dir():
+            raise ConfigError(f"{at('model_id')}: key 'model_id': no model directory {model_id} "
+                              "(a local path, not a hub id)")
     save_dir = Path(config.save_path)
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -239,43 +342,49 @@ def check_paths(config: Config, source: str = "<config>") -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{source}: key 'save_path': not writable: {save_dir} ({e})") from None
+        raise ConfigError(f"{at('save_path')}: key 'save_path': not writable: {save_dir} ({e})") from None
+    run_dir = (save_dir / config.name).resolve()  # name has no '..': only a symlink can lead out
+    if run_dir == save_dir.resolve() or not run_dir.is_relative_to(save_dir.resolve()):
+        raise ConfigError(f"{at('name')}: key 'name': {save_dir / config.name} resolves to {run_dir}, "
+                          f"outside save_path {save_dir}")
 
 
-def check_launch(config: Config, source: str = "<config>") -> None:
+def check_launch(config: Config, source: str | Origin = "<config>") -> None:
     """Keys that depend on how the run is launched (under torchrun, on a GPU), before model loading."""
+    at = _origin(source).of
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if config.compile_latent_passes == "reduce-overhead" and ranks > 1:
         raise ConfigError(
-            f"{source}: key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only; "
-            "under torchrun use 'default'"
+            f"{at('compile_latent_passes')}: key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in "
+            "one process only; under torchrun use 'default'"
         )
     if config.decode_cuda_graph:
         import torch  # only for this key: the other checks stay light
 
         if ranks > 1 or not torch.cuda.is_available():
-            raise ConfigError(f"{source}: key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU")
+            raise ConfigError(f"{at('decode_cuda_graph')}: key 'decode_cuda_graph': CUDA graph decoding needs one "
+                              "process on a GPU")
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a YAML config file into a validated Config."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file, apply KEY=VALUE overrides (values read as YAML) and validate the result."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the config file: {e}") from None
-    except yaml.YAMLError as e:  # its own message spans lines (with a caret drawing): keep one
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
-    return config_from_dict(raw or {}, str(path))
+    raw = _read_yaml(text, str(path))
+    return config_from_dict({} if raw is None else raw, str(path), overrides)
 
 
 def set_seed(seed: int) -> None:
-    """Seed every RNG the run draws from."""
+    """Seed every RNG the run draws from. numpy and torch are imported here, not at the top: run.py reads
+    this module to validate a config before they load."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

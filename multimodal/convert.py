@@ -19,6 +19,7 @@ from typing import Any
 
 import huggingface_hub
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
     GenerationConfig,
@@ -31,7 +32,9 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
+from errors import ModelSetupError
 from multimodal.internvl import internvl_processor
+from utils import is_local_model_path
 
 ORIGINAL_MODEL_TYPE = "internvl_chat"
 MARKER_FILE = "coconut_conversion.json"
@@ -339,27 +342,43 @@ def resolve_model(model_id: str, cache_dir: str | Path, trust_remote_code: bool 
     checkpoint is converted once into cache_dir/<sanitized model_id> and reused while its source is
     unchanged. A hub id is downloaded first (users' machines only). trust_remote_code only decides
     whether a hub snapshot also fetches the repo's *.py files; nothing here ever runs them.
+    Raises ModelSetupError, one line naming model_id, for a missing directory, a hub id that cannot be
+    fetched (unknown, or not cached while offline) and a checkpoint the converter refuses.
     """
     local = Path(model_id).expanduser()
     if local.is_dir():
         src = local
-    elif local.is_absolute() or model_id.startswith((".", "~")):
-        raise FileNotFoundError(f"model directory {model_id} does not exist")
+    elif is_local_model_path(model_id):
+        raise ModelSetupError(f"model_id '{model_id}': no such model directory")
     else:
-        src = Path(huggingface_hub.snapshot_download(model_id, ignore_patterns=None if trust_remote_code else ["*.py"]))
-    if not is_original_format(src):
-        return str(src)
-
-    dst = Path(cache_dir) / _sanitize(model_id)
-    if _is_converted_from(dst, src):
-        return str(dst)
-    if dst.exists():  # stale or foreign: move aside atomically, then delete
-        stale = dst.parent / f".{dst.name}.stale-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, stale)
-        shutil.rmtree(stale)
+        try:
+            src = Path(huggingface_hub.snapshot_download(
+                model_id, ignore_patterns=None if trust_remote_code else ["*.py"]))
+        except (OSError, ValueError) as e:  # hub errors are OSErrors; a malformed id is a ValueError
+            raise ModelSetupError(f"model_id '{model_id}': not a local directory, and the hub gives no copy: "
+                                  f"{_one_line(e)}") from None
     try:
-        convert_original_checkpoint(src, dst)
-    except FileExistsError:
-        if not _is_converted_from(dst, src):
-            raise
-    return str(dst)
+        if not is_original_format(src):
+            return str(src)
+        dst = Path(cache_dir) / _sanitize(model_id)
+        if _is_converted_from(dst, src):
+            return str(dst)
+        if dst.exists():  # stale or foreign: move aside atomically, then delete
+            stale = dst.parent / f".{dst.name}.stale-{uuid.uuid4().hex[:8]}"
+            os.rename(dst, stale)
+            shutil.rmtree(stale)
+        try:
+            convert_original_checkpoint(src, dst)
+        except FileExistsError:
+            if not _is_converted_from(dst, src):
+                raise
+        return str(dst)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        # a malformed original config (missing keys, wrong types), unreadable weights, an unwritable cache
+        reason = f"{type(e).__name__}: {_one_line(e)}" if isinstance(e, (KeyError, TypeError)) else _one_line(e)
+        raise ModelSetupError(f"model_id '{model_id}': cannot convert the original-format InternVL checkpoint "
+                              f"{src} into {cache_dir}: {reason}") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

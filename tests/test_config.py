@@ -51,12 +51,36 @@ def test_multimodal_defaults_to_internvl3_pretrained():
         ({"multimodal": True}, "key 'image_dir': required"),
         ({"train_path": None}, "key 'train_path': required"),
         ({"only_eval": True}, "key 'load_model_path': only_eval needs a checkpoint"),
+        ({"lr": float("nan")}, "key 'lr': must be a finite number >= 0, got nan"),
+        ({"max_grad_norm": "nan"}, "key 'max_grad_norm': must be a finite number >= 0, got nan"),
+        ({"weight_decay": -0.1}, "key 'weight_decay': must be a finite number >= 0, got -0.1"),
+        ({"max_tiles": 100_000}, "key 'max_tiles': at most 128"),
+        ({"video_tiles": 129}, "key 'video_tiles': at most 128"),
+        ({"name": "/tmp/elsewhere"}, "key 'name': must name a directory inside save_path"),
+        ({"name": "a/../.."}, "key 'name': must name a directory inside save_path"),
     ],
 )
 def test_bad_config_names_source_and_key(keys, message):
     with pytest.raises(ConfigError) as e:
         config_from_dict({**BASE, **keys}, "my.yaml")
     assert message in str(e.value) and str(e.value).startswith("my.yaml:")
+
+
+def test_overrides_are_checked_like_file_keys_and_named():
+    config = config_from_dict(BASE, "my.yaml", ["lr=2e-5", "name=exp/a", "cot=true"])
+    assert (config.lr, config.name, config.method) == (2e-5, "exp/a", "cot")
+    with pytest.raises(ConfigError, match=r"^my\.yaml: override 'num_epoch=3': unknown key 'num_epoch' \(did you mean"):
+        config_from_dict(BASE, "my.yaml", ["num_epoch=3"])
+    with pytest.raises(ConfigError, match=r"^my\.yaml: override 'bf16=true': keys 'bf16' and 'fp16'"):
+        config_from_dict({**BASE, "fp16": True}, "my.yaml", ["bf16=true"])
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model_id: m\nlr: 1e-4\ntrain_path: t\nval_path: v\nlr: 1e-3\n")
+    message = r"twice\.yaml: not valid YAML: key 'lr' given twice \(first at line 2\) at line 5,"
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -29,6 +29,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from errors import ModelSetupError
 from multimodal import convert
 from multimodal.convert import convert_original_checkpoint, is_original_format, resolve_model
 
@@ -447,7 +448,7 @@ def test_resolve_model_converts_once_and_reuses(tmp_path: Path, case: dict, monk
     AutoModelForImageTextToText.from_pretrained(first)
     assert [p.name for p in cache.iterdir()] == [Path(first).name]  # no temp or stale dirs left
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelSetupError, match="no such model directory"):
         resolve_model(str(tmp_path / "absent"), cache)
 
 
