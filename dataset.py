@@ -34,6 +34,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path}: no records: the file holds an empty list")
     for i, record in enumerate(records):
         _validate_record(record, f"{path}: record {i}")
     return records
@@ -87,11 +89,21 @@ def tokenize_sample(
 
 def get_dataset(path: str | Path, tokenizer: Any, max_size: int | None = None) -> list[dict[str, Any]]:
     """Load and tokenize a text-only data file (the original get_dataset)."""
-    return tokenize_records(load_records(path)[:max_size], tokenizer)
+    return tokenize_records(load_records(path)[:max_size], tokenizer, str(path))
 
 
-def tokenize_records(records: Sequence[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
-    return [tokenize_sample(r, i, tokenizer) for i, r in enumerate(records)]
+def tokenize_records(
+    records: Sequence[dict[str, Any]], tokenizer: Any, source: str | None = None
+) -> list[dict[str, Any]]:
+    """Tokenize text-only records; record 0 gets the original's self-check (see check_tokenization).
+
+    source: the data file, named in the check's error.
+    """
+    samples = [tokenize_sample(r, i, tokenizer) for i, r in enumerate(records)]
+    if samples:
+        where = f"{source}: record 0" if source else "record 0"
+        check_tokenization(samples[0], records[0]["question"] + "\n", records[0], tokenizer, where)
+    return samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +133,8 @@ def cot_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: L
         n_skip, n_latent = n_steps, 0
     n_latent *= config.thoughts_per_step
     prefix = sample["question_tokenized"] + _latent_block(n_latent, ids, config.uses_markers)
-    tokens = prefix + list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:])) + sample["answer_tokenized"]
+    steps = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:]))
+    tokens = prefix + steps + sample["answer_tokenized"]
     return {
         "input_ids": tokens,
         "labels": [IGNORE_INDEX] * len(prefix) + tokens[len(prefix):],
@@ -251,17 +264,37 @@ def drop_overlong(
         else:
             dropped.append(sample["idx"])
     if dropped:
-        warnings.warn(f"{source}: dropped {len(dropped)} records longer than {max_length} tokens: {dropped[:10]}", stacklevel=2)
+        warnings.warn(
+            f"{source}: dropped {len(dropped)} records longer than {max_length} tokens: {dropped[:10]}", stacklevel=2
+        )
     if not kept:
         raise DataError(f"{source}: no records left after dropping those longer than {max_length} tokens")
     return kept
 
 
-def check_tokenization(sample: dict[str, Any], record: dict[str, Any], tokenizer: Any) -> None:
-    """The original's self-check: piecewise tokens equal tokenizing the whole string at once."""
-    full = record["question"] + "\n" + "\n".join(record["steps"]) + ("\n" if record["steps"] else "") + "### " + record["answer"]
-    expected = tokenizer.encode(full, add_special_tokens=True) + [tokenizer.eos_token_id]
-    got = sample["question_tokenized"] + list(itertools.chain.from_iterable(sample["steps_tokenized"])) + sample["answer_tokenized"]
-    if got != expected:
-        raise DataError(f"record {sample['idx']}: piecewise tokenization differs from the whole string's")
+def check_tokenization(
+    sample: dict[str, Any], question: str, record: dict[str, Any], tokenizer: Any, where: str
+) -> None:
+    """The original's self-check: the pieces' tokens equal the tokens of the whole text at once.
 
+    COCONUT replaces whole steps by latents, which is only sound when tokenizing the question, each
+    step and the answer apart gives the tokens of the full text: no merge across a boundary, no
+    extra BOS or prefix space per piece. The original asserts this on record 0 of each file
+    (dataset.py, get_dataset's "verify" block). `question` is the text the question tokens were
+    made from (`question + "\n"`, or the rendered prompt with its image blocks). With no steps the
+    whole text is question + "### " + answer, as the pieces are; the original's string gets an
+    extra "\n" there, so its assert would reject a correct record 0 that has no steps.
+    """
+    full = question + "".join(step + "\n" for step in record["steps"]) + "### " + record["answer"]
+    expected = tokenizer.encode(full, add_special_tokens=True) + [tokenizer.eos_token_id]
+    steps = list(itertools.chain.from_iterable(sample["steps_tokenized"]))
+    got = sample["question_tokenized"] + steps + sample["answer_tokenized"]
+    if got != expected:
+        at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        pieces, whole = ([tokenizer.decode([t]) for t in ids[at:at + 3]] for ids in (got, expected))
+        raise DataError(
+            f"{where}: tokenizing question, steps and answer apart differs from tokenizing the whole text, "
+            f"from token {at}: {pieces} apart, {whole} whole. Coconut replaces whole steps, so they must agree "
+            "(the tokenizer merges across the pieces' boundaries, e.g. an empty step or one starting with a "
+            "newline, or adds a prefix to each piece)"
+        )

@@ -1,29 +1,34 @@
 """Multimodal data path: records with images (or a video) → tokens with expanded image blocks.
 
 `<image>` is only a prompt placeholder: each one becomes <img> + <IMG_CONTEXT> × (tokens per tile
-× tiles) + </img> in input_ids. Tile counts are computed from image headers when the data set is
-built (cheap, and it finds missing files and over-long samples before training starts); decoding
-and tiling run in DataLoader workers, in MultimodalDataset.__getitem__.
+× tiles) + </img> in input_ids. When the data set is built every image is decoded once (on
+threads) for its size and tile count, so missing, truncated or corrupt files and over-long samples
+fail before training starts; decoding and tiling for training run in DataLoader workers, in
+MultimodalDataset.__getitem__. Tile budgets and video frames follow InternVL (see
+`image_tile_budget`, `frame_indices`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import warnings
+import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dataset import DataError, load_records, tokenize_sample
+from dataset import DataError, check_tokenization, load_records, tokenize_sample
 from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
-from multimodal.transforms import ImageLoadError, ImageTransform
+from multimodal.transforms import ImageLoadError, ImageTransform, decoded_size
 from utils import Config
 
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+# Threads that decode images while the data set is built: Pillow's decoders release the GIL.
+_DECODE_THREADS = min(8, os.cpu_count() or 1)
+_DECODE_CHUNK = 1024  # images in flight at once (bounds the futures held for very large data sets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +51,10 @@ class ImageTokens:
 
 @dataclasses.dataclass(frozen=True)
 class Visual:
-    """One image (or one video frame) of a record and its tile count."""
+    """One image (or one video frame) of a record: its file, tile budget and tile count."""
 
     path: Path
+    max_tiles: int
     n_tiles: int
     frame: int | None = None
 
@@ -62,40 +68,64 @@ def resolve_media_path(image_dir: str | Path, rel: str, allow_external: bool, wh
     return path
 
 
-def image_size_after_exif(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) as the model will see it, from the header only (EXIF rotation applied)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if _orientation(img) in _TRANSPOSED_ORIENTATIONS:
-                    width, height = height, width
-    except FileNotFoundError:
-        raise DataError(f"{where}: image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"{where}: unreadable image {path}: {e}") from None
-    return width, height
+def decoded_sizes(images: list[tuple[Path, str]]) -> dict[Path, tuple[int, int]]:
+    """Each image's size as the model sees it, from decoding the whole file (see transforms.decoded_size).
+
+    images: (path, where) in record order. Files decode on threads, each once however many records
+    use it; the first unreadable one in record order fails, naming the first record that uses it.
+    """
+    first_use: dict[Path, str] = {}
+    for path, where in images:
+        first_use.setdefault(path, where)
+    paths, sizes = list(first_use), {}
+    if not paths:
+        return sizes
+    with concurrent.futures.ThreadPoolExecutor(min(_DECODE_THREADS, len(paths))) as pool:
+        for start in range(0, len(paths), _DECODE_CHUNK):
+            chunk = paths[start:start + _DECODE_CHUNK]
+            try:
+                sizes.update(zip(chunk, pool.map(decoded_size, chunk)))  # map yields (and raises) in order
+            except ImageLoadError as e:
+                pool.shutdown(wait=False, cancel_futures=True)  # no need to decode the rest
+                raise DataError(f"{first_use[e.path]}: unreadable image {e.path}: {e.reason}") from None
+    return sizes
 
 
-def _orientation(img: Image.Image) -> int:
-    """EXIF orientation from the header. PNG's getexif() decodes the whole image to look for a
-    late eXIf chunk, so for PNG only a chunk before the pixel data (img.info) is read."""
-    if img.format == "PNG":
-        exif = Image.Exif()
-        if "exif" in img.info:
-            exif.load(img.info["exif"])
-        return exif.get(_EXIF_ORIENTATION, 1)
-    return img.getexif().get(_EXIF_ORIENTATION, 1)
+def image_tile_budget(max_tiles: int, n_images: int) -> int:
+    """Tiles each image of a record may take: InternVL's fine-tune splits max_dynamic_patch among a
+    sample's images, `max(1, max_dynamic_patch // num_image)` (internvl_chat_finetune.py)."""
+    return max(1, max_tiles // n_images)
+
+
+@functools.lru_cache(maxsize=None)
+def tiler(image_size: int, max_tiles: int) -> ImageTransform:
+    """The tiler of one tile budget, built once: the data set is built with it (tile counts) and read
+    with it (pixels), so both agree."""
+    return ImageTransform(image_size, max_tiles)
+
+
+def frame_indices(n_frames: int, num_segments: int) -> list[int]:
+    """The frames InternVL samples from a video: the model card's `get_index` over the whole video.
+
+    It cuts frames 0 .. n_frames - 1 (its `max_frame = len(video) - 1`) into num_segments equal
+    segments of `seg = max_frame / num_segments` and takes `int(seg / 2 + round(seg * i))` for each
+    (numpy's round, half to even, as Python's). A video shorter than num_segments repeats frames, as
+    there. E.g. 100 frames, 8 segments: 6, 18, 31, 43, 56, 68, 80, 93.
+    """
+    seg = (n_frames - 1) / num_segments
+    return [int(seg / 2 + round(seg * i)) for i in range(num_segments)]
 
 
 def _video_frames(path: Path, num_frames: int, where: str) -> tuple[list[int], tuple[int, int]]:
-    """Frame indices sampled uniformly (segment centres, as InternVL's video demo) and the frame size."""
+    """The sampled frame indices of a video and its frame size (from decoding frame 0)."""
     reader = _open_video(path, where)
-    total = len(reader)
-    indices = sorted({int((i + 0.5) * total / num_frames) for i in range(num_frames)})
-    height, width = reader[0].shape[:2]
-    return indices, (width, height)
+    if len(reader) < 1:
+        raise DataError(f"{where}: unreadable video {path}: it has no frames")
+    try:
+        height, width = reader[0].shape[:2]
+    except Exception as e:  # decord raises its own DECORDError
+        raise DataError(f"{where}: unreadable video {path}: {e}") from None
+    return frame_indices(len(reader), num_frames), (width, height)
 
 
 def _open_video(path: Path, where: str) -> Any:
@@ -129,44 +159,49 @@ def question_ids(tokenizer: Any, text: str, blocks: list[list[int]]) -> list[int
     return ids
 
 
-def media_transforms(config: Config) -> tuple[ImageTransform, ImageTransform]:
-    """The tilers of a config's images (up to max_tiles) and video frames (up to video_tiles).
-
-    The data set is built with them (tile counts) and read with them (pixels): one definition.
-    """
-    return ImageTransform(config.image_size, config.max_tiles), ImageTransform(config.image_size, config.video_tiles)
-
-
 class MediaBuilder:
-    """Turns one record into (question ids, visuals) for a config's prompt and tiling settings."""
+    """Turns one record into (prompt, visuals) for a config's prompt and tiling settings."""
 
-    def __init__(self, config: Config, tokenizer: Any, image_tokens: ImageTokens) -> None:
+    def __init__(self, config: Config, image_tokens: ImageTokens) -> None:
         self.config = config
-        self.tokenizer = tokenizer
         self.image_tokens = image_tokens
-        self.image_transform, self.frame_transform = media_transforms(config)
         self.template = PROMPT_TEMPLATES[config.prompt_format]
 
-    def visuals(self, record: dict[str, Any], where: str) -> list[Visual]:
-        if record.get("video") is not None:
-            path = resolve_media_path(self.config.image_dir, record["video"], self.config.allow_external_images, where)
-            indices, (w, h) = _video_frames(path, record.get("num_frames", self.config.num_frames), where)
-            n = self.frame_transform.num_tiles(w, h)
-            return [Visual(path, n, frame=i) for i in indices]
+    def image_paths(self, record: dict[str, Any], where: str) -> list[Path]:
+        """The record's image files, inside image_dir (unless allowed otherwise) and present."""
         images = record.get("image")
         if images is None:
             return []
-        out = []
+        paths = []
         for rel in [images] if isinstance(images, str) else images:
             path = resolve_media_path(self.config.image_dir, rel, self.config.allow_external_images, where)
-            out.append(Visual(path, self.image_transform.num_tiles(*image_size_after_exif(path, where))))
-        return out
+            if not path.exists():
+                raise DataError(f"{where}: image not found: {path}")
+            paths.append(path)
+        return paths
 
-    def question(self, record: dict[str, Any], visuals: list[Visual]) -> list[int]:
+    def images(self, paths: list[Path], sizes: dict[Path, tuple[int, int]]) -> list[Visual]:
+        if not paths:
+            return []
+        budget = image_tile_budget(self.config.max_tiles, len(paths))
+        transform = tiler(self.config.image_size, budget)
+        return [Visual(p, budget, transform.num_tiles(*sizes[p])) for p in paths]
+
+    def video(self, record: dict[str, Any], where: str) -> list[Visual]:
+        path = resolve_media_path(self.config.image_dir, record["video"], self.config.allow_external_images, where)
+        indices, (w, h) = _video_frames(path, record.get("num_frames", self.config.num_frames), where)
+        budget = self.config.video_tiles
+        n = tiler(self.config.image_size, budget).num_tiles(w, h)
+        return [Visual(path, budget, n, frame=i) for i in indices]
+
+    def prompt(self, record: dict[str, Any], visuals: list[Visual]) -> str:
+        """The question as the prompt template renders it, one `<image>` per visual."""
         n_frames = sum(v.frame is not None for v in visuals)
         media = media_prompt(len(visuals) - n_frames, n_frames) if visuals else ""
-        text = self.template.format(media=media, question=record["question"])
-        return question_ids(self.tokenizer, text, [self.image_tokens.block(v.n_tiles) for v in visuals])
+        return self.template.format(media=media, question=record["question"])
+
+    def blocks(self, visuals: list[Visual]) -> list[list[int]]:
+        return [self.image_tokens.block(v.n_tiles) for v in visuals]
 
 
 def get_mm_dataset(
@@ -179,13 +214,26 @@ def get_mm_dataset(
 def tokenize_mm_records(
     records: list[dict[str, Any]], source: str, tokenizer: Any, image_tokens: ImageTokens, config: Config
 ) -> tuple[list[dict[str, Any]], dict[int, list[Visual]]]:
-    builder = MediaBuilder(config, tokenizer, image_tokens)
+    """Resolve every record's media, decode its images, expand its image blocks and tokenize it.
+
+    Record 0 then gets the original's tokenization self-check, on the prompt as rendered with its
+    image blocks in place.
+    """
+    builder = MediaBuilder(config, image_tokens)
+    wheres = [f"{source}: record {idx}" for idx in range(len(records))]
+    paths = [builder.image_paths(r, where) for r, where in zip(records, wheres)]
+    sizes = decoded_sizes([(p, where) for ps, where in zip(paths, wheres) for p in ps])
     samples, media = [], {}
-    for idx, record in enumerate(records):
-        where = f"{source}: record {idx}"
-        visuals = builder.visuals(record, where)
-        samples.append(tokenize_sample(record, idx, tokenizer, builder.question(record, visuals)))
+    for idx, (record, where) in enumerate(zip(records, wheres)):
+        is_video = record.get("video") is not None
+        visuals = builder.video(record, where) if is_video else builder.images(paths[idx], sizes)
+        prompt, blocks = builder.prompt(record, visuals), builder.blocks(visuals)
+        samples.append(tokenize_sample(record, idx, tokenizer, question_ids(tokenizer, prompt, blocks)))
         media[idx] = visuals
+        if idx == 0:  # the prompt as one string: each placeholder replaced by its block's text
+            pieces = prompt.split(IMAGE_PLACEHOLDER)
+            whole = pieces[0] + "".join(tokenizer.decode(b) + piece for b, piece in zip(blocks, pieces[1:]))
+            check_tokenization(samples[0], whole, record, tokenizer, where)
     return samples, media
 
 
@@ -198,7 +246,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.media = media
         self.source = source
-        self.image_transform, self.frame_transform = media_transforms(config)
+        self.image_size = config.image_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -219,12 +267,13 @@ class MultimodalDataset(torch.utils.data.Dataset):
                 frames = reader.get_batch([v.frame for v in visuals]).asnumpy()
             except Exception as e:  # the file changed since the data set was built (e.g. fewer frames)
                 raise DataError(f"{where}: unreadable video {visuals[0].path}: {e}") from None
-            tensors = [self.frame_transform(Image.fromarray(np.ascontiguousarray(f))) for f in frames]
+            transform = tiler(self.image_size, visuals[0].max_tiles)
+            tensors = [transform(Image.fromarray(np.ascontiguousarray(f))) for f in frames]
         else:
             tensors = []
             for v in visuals:
                 try:
-                    tensors.append(self.image_transform.load_pixel_values(v.path))
+                    tensors.append(tiler(self.image_size, v.max_tiles).load_pixel_values(v.path))
                 except ImageLoadError as e:
                     raise DataError(f"{where}: {e}") from None
         for v, t in zip(visuals, tensors):

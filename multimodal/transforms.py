@@ -10,13 +10,14 @@ pixel values up to ~0.035 away from the model card's after normalisation.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from transformers import GotOcr2ImageProcessorPil
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -24,6 +25,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _UINT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class ImageLoadError(ValueError):
@@ -93,13 +95,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open, EXIF-orient, fully decode and convert an image file to RGB.
+@contextlib.contextmanager
+def _image_errors(path: str | Path) -> Iterator[None]:
+    """Checks the file, then turns whatever opening and decoding it raises into an ImageLoadError.
 
-    Decoding happens here (not lazily on first use) so that truncated or corrupt files fail
-    with an :class:`ImageLoadError` naming the file instead of deep inside a batch. Pillow's
-    decompression-bomb *warning* (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``) is turned into
-    an error as well; the global limit itself is left untouched.
+    Pillow's decompression-bomb *warning* (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``) becomes an
+    error as well; the global limit itself is left untouched.
     """
     file = Path(path)
     if not file.exists():
@@ -111,10 +112,7 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as img:
-                img.load()
-                oriented = ImageOps.exif_transpose(img)
-            return to_rgb(oriented)
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(path, f"decompression bomb: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
@@ -122,6 +120,34 @@ def load_image(path: str | Path) -> Image.Image:
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, EOFError, zlib.error, ...
         reason = f"corrupt, truncated or unsupported image data ({type(exc).__name__}: {exc})"
         raise ImageLoadError(path, reason) from exc
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, EXIF-orient, fully decode and convert an image file to RGB.
+
+    Decoding happens here (not lazily on first use) so that truncated or corrupt files fail
+    with an :class:`ImageLoadError` naming the file instead of deep inside a batch.
+    """
+    with _image_errors(path), Image.open(path) as img:
+        img.load()
+        oriented = ImageOps.exif_transpose(img)
+    return to_rgb(oriented)
+
+
+def decoded_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the image :func:`load_image` returns, after decoding the whole file.
+
+    The data set is built with this, so a file that is truncated or corrupt past its header fails
+    then, not mid-epoch. JPEGs decode in draft mode (libjpeg's DCT scaling, 1/8 of each side): every
+    entropy-coded block is still read, so truncation and broken streams fail as in a full decode,
+    for a fraction of the cost. Other formats decode in full.
+    """
+    with _image_errors(path), Image.open(path) as img:
+        width, height = img.size
+        img.draft(None, (1, 1))  # a no-op for formats other than JPEG
+        img.load()
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)  # what ImageOps.exif_transpose reads
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 class ImageTransform:

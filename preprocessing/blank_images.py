@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from dataset import DataError
-from multimodal.dataset_mm import image_size_after_exif
+from multimodal.transforms import ImageLoadError, decoded_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -28,7 +28,10 @@ WHITE = (255, 255, 255)
 
 def blank_image(src: Path, dst: Path, fill: tuple[int, int, int] = WHITE) -> None:
     """dst: a `fill`-coloured RGB image of src's (EXIF-rotated) size, in the format dst's suffix names."""
-    size = image_size_after_exif(src, str(src))
+    try:
+        size = decoded_size(src)
+    except ImageLoadError as e:
+        raise DataError(str(e)) from None
     dst.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, fill).save(dst)
 

@@ -48,10 +48,41 @@ IDS = LatentIds(start=151674, latent=151675, end=151676)
 
 
 def test_piecewise_tokenization_equals_whole_string(tok, data_file):
-    """The original's own self-check, with the real InternVL3 (Qwen2.5) tokenizer."""
+    """The original's own self-check, with the real InternVL3 (Qwen2.5) tokenizer, on every record."""
     for sample, record in zip(get_dataset(data_file, tok), RECORDS):
-        check_tokenization(sample, record, tok)
+        check_tokenization(sample, record["question"] + "\n", record, tok, "here")
         assert sample["answer_tokenized"][-1] == tok.eos_token_id == 151645
+
+
+def test_loading_checks_tokenization_of_record_0(tok, tmp_path):
+    """The original's rule (facebookresearch/coconut dataset.py, get_dataset's "verify" block, lines
+    63-74): after tokenizing a file, take record 0, tokenize the whole string question + "\n" + the
+    steps joined by "\n" + "\n### " + answer (with special tokens) + eos, and assert it equals the
+    question's, the steps' and the answer's tokens concatenated. Here loading a file does the same and
+    fails with one error naming the file and record 0. An empty step breaks the rule with the Qwen2.5
+    tokenizer: after the question's "\n", its "\n" makes "\n\n", one token (271) in the whole string
+    and two (198, 198) in the pieces.
+    Like the original, only record 0 is checked.
+    """
+    assert tok.encode("a\n\n") == [64, 271] and tok.encode("a\n") + tok.encode("\n") == [64, 198, 198]
+    bad = {"question": "Is the sky blue?", "steps": ["", "The sky is blue."], "answer": "yes"}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([bad] + RECORDS))
+    with pytest.raises(DataError, match=rf"^{path}: record 0: tokenizing question, steps and answer apart differs"):
+        get_dataset(path, tok)
+    path.write_text(json.dumps(RECORDS[:1] + [bad]))
+    assert len(get_dataset(path, tok)) == 2  # record 1 is not checked, as in the original
+
+
+def test_record_0_without_steps_passes_the_check(tok, tmp_path):
+    """With no steps, the original's whole string is question + "\n" + "" + "\n### " + answer: one "\n"
+    more than the pieces carry, so its assert would reject a correct record 0. Here the whole string
+    is what the pieces spell: question + "\n### " + answer."""
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([RECORDS[2]]))
+    sample = get_dataset(path, tok)[0]
+    whole = tok.encode("No steps at all?\n### 1,000") + [151645]
+    assert sample["question_tokenized"] + sample["answer_tokenized"] == whole
 
 
 @pytest.mark.parametrize(
@@ -79,9 +110,11 @@ def test_latents_per_stage_and_method(tok, data_file, method, stage, expected_la
         assert sample["labels"][n_prefix:] == sample["input_ids"][n_prefix:]
         assert sample["labels"][-1] == tok.eos_token_id
     if method in ("no_cot",):
-        assert all(len(s["input_ids"]) == len(b["question_tokenized"]) + len(b["answer_tokenized"]) for s, b in zip(train, base))
+        for s, b in zip(train, base):
+            assert len(s["input_ids"]) == len(b["question_tokenized"]) + len(b["answer_tokenized"])
     if method == "no_thoughts" and stage == 2:  # curriculum without thoughts: first 2 steps dropped
-        assert train[3]["input_ids"] == base[3]["question_tokenized"] + base[3]["steps_tokenized"][2] + base[3]["answer_tokenized"]
+        b = base[3]
+        assert train[3]["input_ids"] == b["question_tokenized"] + b["steps_tokenized"][2] + b["answer_tokenized"]
 
 
 def test_c_thought_and_pad_latent_to_max(tok, data_file):
@@ -130,6 +163,7 @@ def test_collator_aligns_first_latent_column(tok, data_file):
     "content, message",
     [
         ("not json", "not valid JSON"),
+        ("[]", "no records: the file holds an empty list"),
         ('{"a": 1}', "expected a JSON list"),
         ('[{"steps": [], "answer": "1"}]', "record 0: missing key 'question'"),
         ('[{"question": "q", "steps": "s", "answer": "1"}]', "record 0: key 'steps'"),

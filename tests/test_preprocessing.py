@@ -14,8 +14,11 @@ from preprocessing import easy_vqa, gsm8k_mm, m3cot, scienceqa
 from preprocessing.common import convert_rows, split_sentences, write_splits
 
 ROOT = Path(__file__).resolve().parent.parent
-# easy-vqa draws each shape in one flat CSS colour, except "green", which it draws as lime.
-SHAPE_RGB = {c: ImageColor.getrgb(c) for c in easy_vqa.COLORS} | {"green": (0, 255, 0)}
+# easy-vqa's shapes and colours, spelled out (not read off the builder under test). It draws each shape
+# in one flat CSS colour, except "green", which it draws as lime.
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+SHAPE_RGB = {c: ImageColor.getrgb(c) for c in COLORS} | {"green": (0, 255, 0)}
 
 
 def _check_images(records: list[dict], image_dir: Path) -> None:
@@ -47,8 +50,8 @@ def test_easy_vqa_steps_are_true_and_lead_to_the_answer(evqa: Path) -> None:
     for split in ("train", "val", "test"):
         for r in load_records(evqa / f"{split}.json"):
             query = easy_vqa.parse_question(r["question"])
-            shape = next(s for s in easy_vqa.SHAPES if f"a {s}." in r["steps"][0] + r["steps"][1])
-            color = next(c for c in easy_vqa.COLORS if c in r["steps"][0] + r["steps"][1])
+            shape = next(s for s in SHAPES if f"a {s}." in r["steps"][0] + r["steps"][1])
+            color = next(c for c in COLORS if c in r["steps"][0] + r["steps"][1])
             colors = sorted(Image.open(evqa / "img" / r["image"]).convert("RGB").getcolors(64 * 64), reverse=True)
             assert colors[1][1] == SHAPE_RGB[color], r  # the background is the commonest colour, the shape next
             if not query.yes_no:
@@ -132,8 +135,8 @@ def test_scienceqa_converter(tmp_path: Path) -> None:
     assert "image" not in records[1] and records[1]["steps"] == ["Fire burns!", "Ice is cold."]
     assert records[2]["image"] == "val/2.png" and records[2]["answer"] == "A" and records[2]["steps"] == []
     assert Image.open(tmp_path / "img" / "val" / "2.png").mode == "RGB"
-    assert [r["image"] for r in convert_rows(rows, scienceqa.convert_row, "val", tmp_path / "img", require_image=True)] == [
-        "val/0.png", "val/2.png"]
+    with_images = convert_rows(rows, scienceqa.convert_row, "val", tmp_path / "img", require_image=True)
+    assert [r["image"] for r in with_images] == ["val/0.png", "val/2.png"]
 
 
 def test_m3cot_converter(tmp_path: Path) -> None:

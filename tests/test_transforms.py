@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.functional import InterpolationMode
 
-from multimodal.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageLoadError,
-    ImageTransform,
-    load_image,
-)
+from multimodal.transforms import ImageLoadError, ImageTransform, decoded_size, load_image
 
 # ---------------------------------------------------------------------------------------------
 # Reference: InternVL3 model card code, copied verbatim apart from names/formatting.
 # ---------------------------------------------------------------------------------------------
+
+# The model card's constants, spelled out (not imported from the module under test, so a wrong
+# constant there cannot move the reference with it).
+MODEL_CARD_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+MODEL_CARD_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def ref_build_transform(input_size: int) -> T.Compose:
@@ -33,7 +32,7 @@ def ref_build_transform(input_size: int) -> T.Compose:
             T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
             T.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
             T.ToTensor(),
-            T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            T.Normalize(mean=MODEL_CARD_IMAGENET_MEAN, std=MODEL_CARD_IMAGENET_STD),
         ]
     )
 
@@ -370,59 +369,96 @@ def test_exif_orientation_applied(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def assert_load_error(path: Path, reason_fragment: str) -> None:
+# Both readers refuse the same files with the same reasons: load_image (training) and decoded_size
+# (building the data set, so that bad files fail before training).
+READERS = pytest.mark.parametrize("reader", [load_image, decoded_size], ids=["load_image", "decoded_size"])
+
+
+def assert_load_error(path: Path, reason_fragment: str, reader=load_image) -> None:
     with pytest.raises(ImageLoadError) as info:
-        load_image(path)
+        reader(path)
     assert isinstance(info.value, ValueError)
     assert str(path) in str(info.value)
     assert reason_fragment in info.value.reason
     assert info.value.path == path
 
 
-def test_missing_file(tmp_path):
-    assert_load_error(tmp_path / "nope.png", "not found")
+@READERS
+def test_missing_file(tmp_path, reader):
+    assert_load_error(tmp_path / "nope.png", "not found", reader)
 
 
-def test_directory(tmp_path):
-    assert_load_error(tmp_path, "not a regular file")
+@READERS
+def test_directory(tmp_path, reader):
+    assert_load_error(tmp_path, "not a regular file", reader)
 
 
-def test_zero_byte_file(tmp_path):
+@READERS
+def test_zero_byte_file(tmp_path, reader):
     (tmp_path / "empty.png").write_bytes(b"")
-    assert_load_error(tmp_path / "empty.png", "empty")
+    assert_load_error(tmp_path / "empty.png", "empty", reader)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_truncated_file(tmp_path, fmt):
+@READERS
+@pytest.mark.parametrize("fmt, options", [("PNG", {}), ("JPEG", {}), ("JPEG", {"progressive": True})])
+def test_truncated_file(tmp_path, fmt, options, reader):
+    """Cut in half: the header is intact (Image.open reads the size), the pixel data is not."""
     buf = io.BytesIO()
-    make_image(200, 200).save(buf, fmt)
+    make_image(200, 200).save(buf, fmt, **options)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    assert_load_error(path, "truncated")
+    with Image.open(path) as header_only:
+        assert header_only.size == (200, 200)
+    assert_load_error(path, "truncated", reader)
 
 
-def test_corrupt_data(tmp_path):
+@READERS
+def test_corrupt_data(tmp_path, reader):
     buf = io.BytesIO()
     make_image(64, 64).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     data[100:400] = bytes(300)  # clobber compressed pixel data, keep the header
     (tmp_path / "bad.png").write_bytes(bytes(data))
-    assert_load_error(tmp_path / "bad.png", "corrupt")
+    assert_load_error(tmp_path / "bad.png", "corrupt", reader)
 
 
-def test_not_an_image(tmp_path):
+@READERS
+def test_not_an_image(tmp_path, reader):
     (tmp_path / "notes.jpg").write_text("definitely not pixels\n")
-    assert_load_error(tmp_path / "notes.jpg", "not a recognised image")
+    assert_load_error(tmp_path / "notes.jpg", "not a recognised image", reader)
 
 
+@READERS
 @pytest.mark.parametrize("side", [11, 20])  # 121 px: warning level (>100); 400 px: error level (>200)
-def test_decompression_bomb(tmp_path, monkeypatch, side):
+def test_decompression_bomb(tmp_path, monkeypatch, side, reader):
     make_image(side, side).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the warning must become our error, not leak out
-        assert_load_error(tmp_path / "bomb.png", "decompression bomb")
-    assert Image.MAX_IMAGE_PIXELS == 100  # limit is not changed by load_image
+        assert_load_error(tmp_path / "bomb.png", "decompression bomb", reader)
+    assert Image.MAX_IMAGE_PIXELS == 100  # limit is not changed by the reader
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("a.png", {}), ("a.jpg", {"quality": 90}), ("p.jpg", {"progressive": True}), ("a.gif", {}),
+     ("a.tif", {}), ("a.webp", {}), ("gray.jpg", {"mode": "L"}), ("cmyk.jpg", {"mode": "CMYK"})],
+)
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_decoded_size_is_the_loaded_size(tmp_path, name, options, orientation):
+    """decoded_size (JPEGs in draft mode) gives the size of the image training loads, EXIF rotation
+    applied; the reference is Pillow's own full decode + exif_transpose. 301x97: not a multiple of the
+    8-pixel JPEG block, so a scaled decode's size would show."""
+    options = dict(options)
+    image = make_image(301, 97).convert(options.pop("mode", "RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / name
+    image.save(path, exif=exif.tobytes(), **options)
+    with Image.open(path) as img:
+        expected = ImageOps.exif_transpose(img).size
+    assert expected == ((97, 301) if orientation in (6, 8) and not name.endswith(".gif") else (301, 97))
+    assert decoded_size(path) == expected == load_image(path).size
 
 
 def test_under_bomb_limit_loads(tmp_path, monkeypatch):

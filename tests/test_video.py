@@ -21,9 +21,9 @@ from coconut import Coconut
 from dataset import DataError, get_cot_latent_dataset
 from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
-from multimodal.dataset_mm import ImageTokens, MultimodalDataset, get_mm_dataset
-from multimodal.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from multimodal.dataset_mm import ImageTokens, MultimodalDataset, frame_indices, get_mm_dataset
 from tests.run_helpers import mm_config as cfg
+from tests.test_transforms import ref_pixel_values
 
 N_FRAMES = 20
 COLOUR_TOL = 10.0  # uint8 units; mpeg4 at this size is off by at most ~5
@@ -64,15 +64,21 @@ def record(video, question="What colour comes first?", **kw):
     return {"question": question, "steps": ["It changes.", "Then red."], "answer": "green", "video": video, **kw}
 
 
-def segment_centres(total: int, n: int) -> list[int]:
-    """InternVL's video demo sampling: the centre frame of each of n equal segments."""
-    return [int((i + 0.5) * total / n) for i in range(n)]
+# The frames InternVL samples from this file's 20-frame videos, worked out by hand from the model card's
+# get_index (see test_frame_indices_follow_internvl_get_index): max_frame 19, seg = 19 / n.
+INTERNVL_FRAMES = {
+    2: [4, 14],  # seg 9.5: int(4.75 + 0), int(4.75 + round(9.5) = 10)
+    3: [3, 9, 16],
+    4: [2, 7, 12, 16],
+    5: [1, 5, 9, 12, 16],
+    8: [1, 3, 6, 8, 11, 13, 15, 18],
+}
 
 
 def tile_colours(pixel_values: torch.Tensor) -> np.ndarray:
-    """Mean RGB (uint8 scale) of each normalised tile."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """Mean RGB (uint8 scale) of each normalised tile (the model card's ImageNet mean and std)."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return ((pixel_values * std + mean) * 255).mean(dim=(2, 3)).double().numpy()
 
 
@@ -108,6 +114,25 @@ def test_decord_reads_the_written_video(tmp_path):
     assert np.abs(frames.reshape(N_FRAMES, -1, 3).mean(1) - COLOURS).max() < COLOUR_TOL
 
 
+def test_frame_indices_follow_internvl_get_index():
+    """InternVL's video sampling (the InternVL3 model card's load_video, as in OpenGVLab/InternVL's chat
+    demos): `max_frame = len(vr) - 1`, then get_index without bounds takes start_idx 0, end_idx
+    max_frame, `seg_size = float(end_idx - start_idx) / num_segments` and frame
+    `int(start_idx + seg_size / 2 + np.round(seg_size * idx))` for idx in range(num_segments).
+    Worked by hand: 100 frames, 8 segments: seg 12.375, so 6, 18 (6.1875 + 12), 31 (+ round(24.75) = 25),
+    43, 56 (+ round(49.5) = 50, half to even), 68, 80 (+ round(74.25) = 74), 93; segment centres of all
+    100 frames, (i + 0.5) * 100 / 8, would give 81 for the seventh. 21 frames, 8 segments: seg 2.5, and
+    np.round takes halves to even: round(2.5) = 2, round(7.5) = 8, round(12.5) = 12, round(17.5) = 18.
+    A video with fewer frames than segments repeats frames, as get_index does."""
+    assert frame_indices(100, 8) == [6, 18, 31, 43, 56, 68, 80, 93]
+    assert frame_indices(21, 8) == [1, 3, 6, 9, 11, 13, 16, 19]
+    assert frame_indices(5, 8) == [0, 0, 1, 2, 2, 2, 3, 4]
+    assert frame_indices(1, 3) == [0, 0, 0]
+    assert frame_indices(20, 1) == [9]
+    for n, frames in INTERNVL_FRAMES.items():
+        assert frame_indices(N_FRAMES, n) == frames
+
+
 def test_video_frames_tiles_prompt_and_pixels(tmp_path, processor):
     path, image_dir = write_data(tmp_path, [record("train/clip.mp4")], {"clip.mp4": (64, 48)})
     config = cfg(image_dir)  # num_frames 8, video_tiles 1 by default
@@ -115,9 +140,7 @@ def test_video_frames_tiles_prompt_and_pixels(tmp_path, processor):
     samples, media = get_mm_dataset(path, tok, tokens, config)
 
     frames = [v.frame for v in media[0]]
-    assert frames == segment_centres(N_FRAMES, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
-    gaps = np.diff(frames)
-    assert frames[0] >= 0 and frames[-1] < N_FRAMES and gaps.min() >= 2 and gaps.max() <= 3  # 20 / 8 = 2.5
+    assert frames == INTERNVL_FRAMES[8]
     assert all(v.n_tiles == 1 for v in media[0])
 
     ids = samples[0]["question_tokenized"]
@@ -142,11 +165,10 @@ def test_video_tiles_tile_each_wide_frame(tmp_path, processor):
     assert [v.n_tiles for v in one[0]] == [1] * 4  # video_tiles 1: a wide frame is still one tile
 
     config = cfg(image_dir, num_frames=4, video_tiles=2)
-    per_frame = ImageTransform(56, 2).num_tiles(160, 48)
-    assert per_frame == 3  # a 2x1 grid + thumbnail per frame
+    per_frame = 3  # 160x48 with up to 2 tiles: a 2x1 grid + thumbnail per frame
     samples, media = get_mm_dataset(path, tok, tokens, config)
     frames = [v.frame for v in media[0]]
-    assert frames == segment_centres(N_FRAMES, 4) == [2, 7, 12, 17]
+    assert frames == INTERNVL_FRAMES[4]
     assert [v.n_tiles for v in media[0]] == [per_frame] * 4
 
     ids = samples[0]["question_tokenized"]
@@ -160,24 +182,25 @@ def test_video_tiles_tile_each_wide_frame(tmp_path, processor):
     assert_tiles_show_frames(sample["pixel_values"], frames, per_frame)
     # exactly the image tiling of each decoded frame, concatenated frame by frame
     decoded = decord.VideoReader(str(image_dir / "train" / "wide.mp4")).get_batch(frames).asnumpy()
-    expected = torch.cat([ImageTransform(56, 2)(Image.fromarray(f)) for f in decoded])
+    expected = torch.cat([ref_pixel_values(Image.fromarray(f), input_size=56, max_num=2) for f in decoded])
     torch.testing.assert_close(sample["pixel_values"], expected, rtol=0, atol=0)
 
 
 def test_record_num_frames_overrides_config(tmp_path, processor):
-    records = [record("train/clip.mp4", num_frames=3), record("train/clip.mp4"), record("train/clip.mp4", num_frames=30)]
+    records = [record("train/clip.mp4", num_frames=3), record("train/clip.mp4"),
+               record("train/clip.mp4", num_frames=30)]
     path, image_dir = write_data(tmp_path, records, {"clip.mp4": (64, 48)})
     config = cfg(image_dir, num_frames=5)
     tok, tokens = processor.tokenizer, ImageTokens.from_processor(processor)
     samples, media = get_mm_dataset(path, tok, tokens, config)
-    assert [v.frame for v in media[0]] == segment_centres(N_FRAMES, 3) == [3, 10, 16]
-    assert [v.frame for v in media[1]] == segment_centres(N_FRAMES, 5) == [2, 6, 10, 14, 18]
-    # more frames asked than the video has: every sampled frame is a real, distinct frame, and the
-    # prompt, the tokens and the pixels agree on how many there are
-    many = [v.frame for v in media[2]]
-    assert len(set(many)) == len(many) <= N_FRAMES and all(0 <= f < N_FRAMES for f in many)
+    assert [v.frame for v in media[0]] == INTERNVL_FRAMES[3]
+    assert [v.frame for v in media[1]] == INTERNVL_FRAMES[5]
+    # more frames asked than the video has: some repeat, as in InternVL's get_index (seg 19 / 30), and
+    # the prompt, the tokens and the pixels agree on all 30
+    assert [v.frame for v in media[2]] == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9,
+                                           10, 10, 11, 11, 12, 13, 13, 14, 15, 15, 16, 16, 17, 18, 18]
     dataset = MultimodalDataset(samples, media, config, str(path))
-    for i, n in enumerate([3, 5, len(many)]):
+    for i, n in enumerate([3, 5, 30]):
         ids = samples[i]["question_tokenized"]
         assert ids.count(tokens.context) == n * tokens.per_tile
         text = tok.decode(ids)
@@ -230,7 +253,7 @@ def test_video_paths_cannot_escape_image_dir(tmp_path, processor, rel):
         get_mm_dataset(path, processor.tokenizer, tokens, cfg(image_dir))
     if rel != "/etc/passwd":  # allowed when the config opts in
         samples, media = get_mm_dataset(path, processor.tokenizer, tokens, cfg(image_dir, allow_external_images=True))
-        assert [v.frame for v in media[0]] == segment_centres(N_FRAMES, 2)
+        assert [v.frame for v in media[0]] == INTERNVL_FRAMES[2]
         assert samples[0]["question_tokenized"].count(tokens.context) == 2 * tokens.per_tile
 
 
