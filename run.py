@@ -3,6 +3,7 @@
     torchrun --nproc_per_node N run.py args/coconut_vl3_1b.yaml   # train (FSDP2 when N > 1)
     python run.py args/demo.yaml                                   # one process, CPU or one GPU
     python run.py --export CHECKPOINT_DIR OUT_DIR                  # plain HF model + processor
+    python run.py --infer CHECKPOINT --image PATH --question TEXT  # answer, with the thoughts (inference.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--infer" in argv:  # inference has options of its own
+        from inference import cli
+
+        return cli(argv)
     parser = argparse.ArgumentParser(description="COCONUT continuous-thought training for InternVL3 and causal LMs")
     parser.add_argument("config_file", nargs="?", help="YAML run configuration")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
