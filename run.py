@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config_file", nargs="?", help="YAML run configuration")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
                         help="write a checkpoint's model + processor as a plain HF directory and exit")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="with --export: weights (default: training's)")
     args = parser.parse_args(argv)
     if (args.config_file is None) == (args.export is None):
         parser.error("give a config file, or --export CHECKPOINT OUT_DIR")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             from export import export_checkpoint
 
-            print(export_checkpoint(*args.export))
+            print(export_checkpoint(*args.export, dtype=args.dtype))
             return 0
         config = load_config(args.config_file)
         check_paths(config, args.config_file)
