@@ -140,6 +140,8 @@ def cli(argv: Sequence[str]) -> int:
         parser.error("give --question TEXT (with --image/--video) or --data FILE.json")
     if args.data and (args.image or args.video):
         parser.error("--image/--video go with --question; a data file names its own media")
+    if args.question and (args.image_dir or args.output):
+        parser.error("--image-dir/--output go with --data")
     if args.image and args.video:
         parser.error("give --image or --video, not both")
     if args.top_k < 1 or (args.stage is not None and args.stage < 0):
