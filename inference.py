@@ -52,7 +52,8 @@ class Inference:
         self.ids = LatentIds(**run.latent_token_ids)
         self.info = DistInfo(0, 1, 0, device)  # one process
         dtype = mixed_precision_dtype(self.config.bf16, self.config.fp16)  # the training's compute precision
-        self.autocast: Callable = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.autocast: Callable = (
+            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext)
         collator = MultimodalCollator if self.config.multimodal else MyCollator
         self.collate = collator(self.tokenizer.pad_token_id, self.ids.latent)
 
@@ -131,7 +132,8 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--video", metavar="PATH", help="a video (instead of images)")
     parser.add_argument("--data", metavar="FILE.json", help="answer every record of a data file, in batches")
     parser.add_argument("--image-dir", metavar="DIR", help="with --data: root of its image paths (default: the run's)")
-    parser.add_argument("--output", metavar="FILE.jsonl", help="with --data: predictions file (default: FILE.predictions.jsonl here)")
+    parser.add_argument("--output", metavar="FILE.jsonl",
+                        help="with --data: predictions file (default: FILE.predictions.jsonl here)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--top-k", type=int, default=THOUGHT_TOP_K, metavar="K", help="tokens shown per thought")
     parser.add_argument("--stage", type=int, metavar="N", help="curriculum stage (default: the checkpoint's)")

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config_file", nargs="?", help="YAML run configuration")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
                         help="write a checkpoint's model + processor as a plain HF directory and exit")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="with --export: weights (default: training's)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="with --export: weights (default: training's)")
     args = parser.parse_args(argv)
     if (args.config_file is None) == (args.export is None):
         parser.error("give a config file, or --export CHECKPOINT OUT_DIR")

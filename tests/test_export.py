@@ -49,6 +49,12 @@ def variant(checkpoint: Path, tmp_path: Path, **keys) -> Path:
     return copy
 
 
+def user(question: str, images: int = 0, video: bool = False) -> list[dict]:
+    """One user message with image (or video) parts before the question, as chat clients send it."""
+    media = [{"type": "image"}] * images + ([{"type": "video"}] if video else [])
+    return [{"role": "user", "content": media + [{"type": "text", "text": question}]}]
+
+
 def images(tmp_path: Path) -> list[Path]:
     """A wide image (many tiles: the tile limit decides its count) and two small squares (one tile each)."""
     paths = []
@@ -98,22 +104,22 @@ def test_template_and_processor_give_the_training_prompt_and_tiles(trained, tmp_
     wide, a, b = images(tmp_path)
     question = "What colour is the shape?"
     for paths in ([wide], [a, b], []):
-        record = {"question": question, "steps": [], "answer": "", **({"image": [p.name for p in paths]} if paths else {})}
+        record = {"question": question, "steps": [], "answer": ""}
+        if paths:
+            record["image"] = [p.name for p in paths]
         expected = builder.question(record, builder.visuals(record, "test"))
-        messages = [{"role": "user", "content": [{"type": "image"}] * len(paths) + [{"type": "text", "text": question}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        text = processor.apply_chat_template(user(question, images=len(paths)), add_generation_prompt=True)
         pil = [Image.open(p) for p in paths] or None
         got = processor(text=text, images=pil, return_tensors="pt")["input_ids"][0].tolist()
         assert got == expected, (paths, text)
     # the prompt itself, written out: the training prompt's text with the image token
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(user("Q?", images=1), add_generation_prompt=True)
     assert text == {"plain": "<IMG_CONTEXT>\nQ?\n",
                     "internvl2_5": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nQ?"
                                    "<|im_end|>\n<|im_start|>assistant\n"}[prompt_format]
-    two = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "Q?"}]}])
+    two = processor.apply_chat_template(user("Q?", images=2))
     assert "Image-1: <IMG_CONTEXT>\nImage-2: <IMG_CONTEXT>\nQ?" in two
-    video = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q?"}]}])
+    video = processor.apply_chat_template(user("Q?", video=True))
     assert f"{processor.video_token}\nQ?" in video
     # the PIL backend gives the training pixels, tile for tile
     pil_backend = AutoImageProcessor.from_pretrained(out, backend="pil")
@@ -126,10 +132,10 @@ def test_template_and_processor_give_the_training_prompt_and_tiles(trained, tmp_
 def test_text_only_template_is_the_question_and_a_newline(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = chat_template("internvl2_5", multimodal=False)  # text-only runs ignore the format
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False) == "What is 2+3?\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False)
+    assert text == "What is 2+3?\n"
     with pytest.raises(Exception, match="text-only"):
-        tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}],
-                                      tokenize=False)
+        tokenizer.apply_chat_template(user("Q", images=1), tokenize=False)
 
 
 def test_dtype_defaults_to_the_training_precision(trained, tmp_path):
@@ -150,10 +156,12 @@ def test_infer_on_the_export_equals_infer_on_the_checkpoint(trained, tmp_path, c
     out = tmp_path / "export"
     assert run.main(["--export", str(trained), str(out)]) == 0
     capsys.readouterr()
-    image = REPO / "data" / "demo" / "images" / json.loads((REPO / "data" / "demo" / "val.json").read_text())[0]["image"]
+    record = json.loads((REPO / "data" / "demo" / "val.json").read_text())[0]
+    image = REPO / "data" / "demo" / "images" / record["image"]
     replies = []
     for model in (trained, out):
-        assert run.main(["--infer", str(model), "--image", str(image), "--question", "what shape is it?", "--json"]) == 0
+        argv = ["--infer", str(model), "--image", str(image), "--question", "what shape is it?", "--json"]
+        assert run.main(argv) == 0
         replies.append(json.loads(capsys.readouterr().out))
     assert replies[0] == replies[1]
 

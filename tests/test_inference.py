@@ -110,7 +110,8 @@ def test_python_api_and_readable_output(stage2, capsys):
     reply = model.ask(record["question"], images=[IMAGES / record["image"]], top_k=2)
     assert reply["answer"] == predictions[0]["answer"] and reply["latents"] == 2
     assert [len(t) for t in reply["thoughts"]] == [2, 2]
-    assert Inference.load(checkpoint, stage=0).ask(record["question"], images=[IMAGES / record["image"]])["latents"] == 0
+    at_stage_0 = Inference.load(checkpoint, stage=0).ask(record["question"], images=[IMAGES / record["image"]])
+    assert at_stage_0["latents"] == 0
     argv = ["--infer", str(checkpoint), "--image", str(IMAGES / record["image"]), "--question", record["question"]]
     assert run.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -142,8 +143,9 @@ def test_two_rank_evaluation_merges_the_predictions_once_in_record_order(stage2,
     merged = read_jsonl(tmp_path / "checkpoints" / "eval" / "predictions" / "epoch_6.jsonl")
     assert [p["idx"] for p in merged] == list(range(16))
     for got, expected in zip(merged, predictions):
-        assert {k: v for k, v in got.items() if k != "thoughts"} == {k: v for k, v in expected.items() if k != "thoughts"}
-        assert_same_thoughts(got["thoughts"], expected["thoughts"])
+        got_thoughts, expected_thoughts = got.pop("thoughts"), expected.pop("thoughts")
+        assert got == expected
+        assert_same_thoughts(got_thoughts, expected_thoughts)
 
 
 def naive_thoughts(model, latent_id: int, feature: dict) -> torch.Tensor:

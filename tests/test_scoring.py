@@ -65,7 +65,8 @@ def test_original_cot_drops_the_first_line_and_stops_at_the_first_hash():
     text = "How many?\n2 + 3 = 5\n5 - 1 = 4\n### 4 # x"
     assert original_cot(text) == "2 + 3 = 5\n5 - 1 = 4"
     # Coconut stage 0: the markers survive decoding and precede the steps, so the original never matches
-    assert original_cot("How many?\n<|start-latent|><|end-latent|>2 + 3 = 5\n### 5") == "<|start-latent|><|end-latent|>2 + 3 = 5"
+    text = "How many?\n<|start-latent|><|end-latent|>2 + 3 = 5\n### 5"
+    assert original_cot(text) == "<|start-latent|><|end-latent|>2 + 3 = 5"
     # a multimodal prompt decodes to an empty first line (the image block is special): the question stays in
     assert original_cot("\nWhat colour?\nThe shape is red.\n### red") == "What colour?\nThe shape is red."
     assert gold_cot({"steps": ["a ", "b"]}) == "a \nb"  # joined, not stripped
@@ -136,8 +137,9 @@ def _evaluate(tiny_model_dir, records, emitted, stage, **keys):
     questions = get_question_latent_dataset(stage, tokenize_records(records, tokenizer), config, ids)
     outputs = {tuple(q["input_ids"]): text for q, text in zip(questions, emitted)}
     info = DistInfo(0, 1, 0, torch.device("cpu"))
-    return generation_accuracy(EmittingModel(tokenizer, ids, outputs), questions, MyCollator(tokenizer.pad_token_id, ids.latent),
-                               records, tokenizer, info, config, stage, contextlib.nullcontext, top_k=2)
+    model, collate = EmittingModel(tokenizer, ids, outputs), MyCollator(tokenizer.pad_token_id, ids.latent)
+    return generation_accuracy(model, questions, collate, records, tokenizer, info, config, stage,
+                               contextlib.nullcontext, top_k=2)
 
 
 def test_generation_accuracy_scores_emitted_tokens_as_the_original(tiny_model_dir):
