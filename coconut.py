@@ -43,6 +43,20 @@ class ImageFeatureMismatch(ValueError):
 
 
 @dataclasses.dataclass
+class Thoughts:
+    """A generate call's continuous thoughts and what the LM head reads in each (latent decoding).
+
+    Row b holds sample b's thoughts in order; entries past counts[b] are padding (a batch pads every
+    sample to its most latents, or to more when synced ranks run more passes).
+    """
+
+    hidden: torch.Tensor  # (B, n, H) last hidden states fed back as the latents' input embeddings
+    counts: torch.Tensor  # (B,) thoughts per sample
+    top_ids: torch.Tensor  # (B, n, k) token ids, most probable first
+    top_probs: torch.Tensor  # (B, n, k) their probabilities under the LM head (fp32 softmax)
+
+
+@dataclasses.dataclass
 class Outputs:
     """What forward returns. logits are full-vocabulary only when return_logits=True."""
 
@@ -373,9 +387,13 @@ class Coconut(nn.Module):
         position_ids: torch.Tensor | None = None,
         stop_check_every: int = 4,
         cuda_graph: bool | None = None,
+        thought_top_k: int = 0,
         **kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, Thoughts]:
         """Batched greedy decoding after the latent passes; returns new tokens [B, T], pad after eos.
+
+        thought_top_k > 0 also returns the continuous thoughts with their top-k tokens under the LM
+        head: (tokens, Thoughts), as the original's output_embedding returns its embeddings.
 
         Each sample's tokens equal generating it alone. With synced_gpus every rank keeps stepping
         (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph (default:
@@ -387,7 +405,9 @@ class Coconut(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         synced = synced_gpus or self.synced_gpus
-        prompt = self.encode_prompt(input_ids, attention_mask, pixel_values, num_patches_list, position_ids, synced)
+        prompt = self.encode_prompt(input_ids, attention_mask, pixel_values, num_patches_list, position_ids, synced,
+                                    thought_top_k=thought_top_k)
+        prompt, thoughts = prompt if thought_top_k else (prompt, None)
         decoder = self.adapter.greedy_decoder(prompt, max_new_tokens, self.eos_token_id, self.pad_token_id)
         if cuda_graph and max_new_tokens > 1:
             if synced or not isinstance(decoder, StaticGreedyDecoder) or input_ids.device.type != "cuda":
@@ -403,7 +423,8 @@ class Coconut(nn.Module):
             decoder.step()
             self.gen_forward_cnt += 1
             steps += 1
-        return decoder.tokens[:, :steps]
+        tokens = decoder.tokens[:, :steps]
+        return (tokens, thoughts) if thought_top_k else tokens
 
     def encode_prompt(
         self,
@@ -413,8 +434,12 @@ class Coconut(nn.Module):
         num_patches_list: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         synced: bool = False,
-    ) -> PromptState:
-        """Images, latent passes and the whole prompt through the decoder: what decoding starts from."""
+        thought_top_k: int = 0,
+    ) -> PromptState | tuple[PromptState, Thoughts]:
+        """Images, latent passes and the whole prompt through the decoder: what decoding starts from.
+
+        thought_top_k > 0 also returns the thoughts (see generate).
+        """
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         layout = self._layout(input_ids, synced)
@@ -427,7 +452,14 @@ class Coconut(nn.Module):
         cols = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (cols * attention_mask.bool()).argmax(1)  # last real position of each prompt
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return PromptState(cache, attention_mask, position_ids[rows, last] + 1, self.adapter.head(hidden[rows, last]))
+        state = PromptState(cache, attention_mask, position_ids[rows, last] + 1, self.adapter.head(hidden[rows, last]))
+        if not thought_top_k:
+            return state
+        # The head runs here, inside generate: under FSDP its weights are gathered only within the call.
+        thoughts, _ = _thoughts(hiddens, layout)
+        probs = self.adapter.head(thoughts).float().softmax(-1)  # (B, n, V)
+        top = probs.topk(min(thought_top_k, probs.shape[-1]), dim=-1)
+        return state, Thoughts(thoughts, layout.counts, top.indices, top.values)
 
     @staticmethod
     def _all_done(finished: torch.Tensor, synced: bool) -> bool:

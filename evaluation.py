@@ -1,36 +1,36 @@
-"""Validation loss and generation accuracy, sharded over ranks with every rank in step."""
+"""Validation loss, and generation with per-record predictions, sharded over ranks with every rank in step."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from coconut import Thoughts
 from distributed import DistInfo, all_reduce_max, all_reduce_sum
+from scoring import (
+    decode_as_original,
+    decode_generation,
+    extract_answer,
+    gold_answer,
+    gold_cot,
+    original_cot,
+    written_cot,
+    written_cot_gold,
+)
+from utils import Config
 
-
-@dataclasses.dataclass
-class GenerationResult:
-    accuracy: float
-    cot_match: float
-    correct: int
-    total: int
-    examples: list[dict[str, str]]
-
-
-def extract_answer(text: str) -> str:
-    """The original's rule: text after the last '#', commas removed, stripped."""
-    return text.split("#")[-1].replace(",", "").strip()
-
-
-def extract_cot(text: str) -> str:
-    """Generated reasoning: everything before the first '#'."""
-    return text.split("#")[0].strip()
+THOUGHT_TOP_K = 5  # tokens kept per continuous thought in a predictions file
+PREDICTIONS_DIR = "predictions"  # save_path/name/predictions/epoch_N.jsonl
 
 
 def sharded_loader(dataset: Dataset, batch_size: int, collate: Callable, info: DistInfo, num_workers: int) -> tuple[DataLoader, list[bool]]:
@@ -70,6 +70,26 @@ def validation_loss(
     return float(totals[0] / totals[1].clamp(min=1))
 
 
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """Scores over every rank; predictions (one dict per record, in record order) on the main rank only."""
+
+    accuracy: float
+    cot_match: float  # the original's CoT match (scoring.original_cot: an artefact, see scoring.py)
+    written_cot_match: float  # the corrected one (scoring.written_cot)
+    correct: int
+    total: int
+    predictions: list[dict[str, Any]]
+
+    @property
+    def examples(self) -> list[dict[str, str]]:
+        """The first few predictions, for printing."""
+        return [{"question": p["question"], "answer": p["gold"], "output": p["output"], "extracted": p["answer"]}
+                for p in self.predictions[:3]]
+
+
 @torch.no_grad()
 def generation_accuracy(
     model: nn.Module,
@@ -78,35 +98,97 @@ def generation_accuracy(
     records: Sequence[dict[str, Any]],
     tokenizer: Any,
     info: DistInfo,
-    batch_size: int,
-    max_new_tokens: int,
-    num_workers: int,
+    config: Config,
+    stage: int,
     autocast: Callable,
-    n_examples: int = 3,
+    top_k: int = THOUGHT_TOP_K,
 ) -> GenerationResult:
-    """Greedy answers after the latent passes, scored as the original (string match after '#')."""
+    """Greedy answers after the latent passes for every sample of dataset, scored as the original.
+
+    dataset holds question samples (dataset.get_question_latent_dataset) whose idx index records.
+    Batches of config.batch_size_eval, up to config.max_new_tokens new tokens each.
+    """
     model.eval()
-    loader, counted = sharded_loader(dataset, batch_size, collate, info, num_workers)
-    counts = torch.zeros(3, dtype=torch.long, device=info.device)  # correct, cot match, total
-    examples: list[dict[str, str]] = []
+    loader, counted = sharded_loader(dataset, config.batch_size_eval, collate, info, config.num_workers)
+    mine: list[dict[str, Any]] = []
     with tqdm(total=len(counted), desc="generate", disable=not info.is_main, dynamic_ncols=True, leave=False) as bar:
         for batch, count in zip(loader, counted):
-            ids = batch["idx"].tolist()
             with autocast():
-                tokens = model.generate(**to_device(batch, info.device), max_new_tokens=max_new_tokens,
-                                        synced_gpus=info.distributed)
+                tokens, thoughts = model.generate(**to_device(batch, info.device), max_new_tokens=config.max_new_tokens,
+                                                  synced_gpus=info.distributed, thought_top_k=top_k)
             bar.update(1)
-            if not count:
-                continue
-            for idx, text in zip(ids, tokenizer.batch_decode(tokens, skip_special_tokens=True)):
-                record = records[idx]
-                answer = record["answer"].replace(",", "").strip()
-                predicted = extract_answer(text)
-                counts[0] += int(predicted == answer)
-                counts[1] += int(extract_cot(text) == "\n".join(record["steps"]).strip())
-                counts[2] += 1
-                if len(examples) < n_examples:
-                    examples.append({"question": record["question"], "answer": answer, "output": text, "extracted": predicted})
-    all_reduce_sum(counts)
-    correct, cot, total = counts.tolist()
-    return GenerationResult(correct / max(total, 1), cot / max(total, 1), correct, total, examples)
+            if count:
+                mine += batch_predictions(model, batch, tokens, thoughts, records, tokenizer, config, stage)
+    sums = [sum(p[key] for p in mine) for key in ("correct", "cot_match", "written_cot_match")] + [len(mine)]
+    counts = all_reduce_sum(torch.tensor(sums, dtype=torch.long, device=info.device))
+    correct, cot, written, total = counts.tolist()
+    n = max(total, 1)
+    return GenerationResult(correct / n, cot / n, written / n, correct, total, _merged(mine, info))
+
+
+def batch_predictions(
+    model: nn.Module,
+    batch: dict[str, Any],
+    tokens: torch.Tensor,
+    thoughts: Thoughts,
+    records: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    config: Config,
+    stage: int,
+) -> list[dict[str, Any]]:
+    """One prediction per sample of a generated batch (batch: the collated prompts, on the host)."""
+    eos = model.eos_token_id
+    markers = {model.start_latent_id, model.latent_token_id, model.end_latent_id}
+    tokens, top_ids, top_probs = tokens.tolist(), thoughts.top_ids.tolist(), thoughts.top_probs.tolist()
+    out = []
+    for row, idx in enumerate(batch["idx"].tolist()):
+        record = records[idx]
+        prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()  # without padding
+        text = decode_as_original(tokenizer, prompt, tokens[row], eos, markers)
+        output = decode_generation(tokenizer, tokens[row], eos)
+        answer, gold = extract_answer(text), gold_answer(record)
+        n_thoughts = int(thoughts.counts[row])
+        out.append({
+            "idx": idx,
+            "question": record["question"],
+            "gold": gold,
+            "output": output,
+            "answer": answer,
+            "correct": answer == gold,
+            "cot_match": original_cot(text) == gold_cot(record),
+            "written_cot_match": written_cot(output) == written_cot_gold(record, stage, config),
+            "latents": n_thoughts,
+            "thoughts": [
+                [{"token": tokenizer.decode([i]), "id": i, "p": p} for i, p in zip(top_ids[row][t], top_probs[row][t])]
+                for t in range(n_thoughts)
+            ],
+        })
+    return out
+
+
+def _merged(mine: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's predictions on the main rank, once, in record order (empty on the other ranks)."""
+    if info.distributed:
+        gathered: list[Any] | None = [None] * info.world_size if info.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        if not info.is_main:
+            return []
+        mine = [p for part in gathered for p in part]
+    return sorted(mine, key=lambda p: p["idx"])
+
+
+def write_predictions(path: str | Path, predictions: Sequence[dict[str, Any]]) -> Path:
+    """Write predictions as JSON lines, atomically: a reader sees the previous file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

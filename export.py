@@ -1,9 +1,15 @@
-"""Export a training checkpoint as a plain HF model + processor directory, for serving.
+"""Export a trained model directory as a plain HF model + processor directory, faithful to its run.
 
-The result has no latent-loop wrapper: AutoModelForImageTextToText / AutoProcessor (or
-AutoModelForCausalLM / AutoTokenizer for text-only runs) load it, and lmdeploy / vLLM can serve it
-for ordinary generation. Latent decoding (feeding hidden states back as inputs) is not something
-those servers do; use Coconut.generate for that.
+The result loads with AutoModelForImageTextToText / AutoProcessor (AutoModelForCausalLM /
+AutoTokenizer for text-only runs), and lmdeploy / vLLM can serve it for ordinary generation. It
+keeps what the run trained on: the chat template renders exactly the training prompt
+(multimodal/prompts.py), the image processor tiles to the run's max_tiles and image_size, the
+weights default to the training precision, and coconut_config.yaml travels along, so
+`run.py --infer` works on the export. Latent decoding needs `run.py --infer` or Coconut.generate;
+the export's README.md says what plain servers do instead.
+
+The directory is written under a hidden temporary name and renamed into place when complete, so a
+kill at any moment never leaves a directory at the export's path.
 """
 
 from __future__ import annotations
@@ -11,40 +17,160 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Literal
 
-from checkpoint import CheckpointError, model_dir_of
-from model_setup import load_base_model, load_processor
+import torch
 
-# InternVL's chat template (internvl2_5). An image part becomes the processor's image token
-# (<IMG_CONTEXT>), which InternVLProcessor expands into <img> + context tokens + </img>.
-INTERNVL2_5_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}IMAGE_TOKEN\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from checkpoint import TMP_PREFIX, CheckpointError, model_dir_of
+from model_setup import load_base_model, load_processor, tokenizer_of
+from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
+from saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run, write_saved_run
+from utils import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+README_FILE = "README.md"
+
+# One user turn (what training saw), as a Jinja chat template. The media lines are those of
+# multimodal.dataset_mm.media_prompt with the processor's own tokens, which it expands into image
+# blocks: one image `<IMG_CONTEXT>\n`, several `Image-1: <IMG_CONTEXT>\n`..., a video `<video>\n`
+# (InternVLProcessor writes `Frame1: <img>…</img>\n…` for it). PROMPT is the prompt format's text
+# with {media} and {question} as Jinja expressions; the empty expression after it keeps its final
+# newline (Jinja drops a template's trailing newline).
+_CHAT_TEMPLATE = r"""{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}
+{{- raise_exception('This model was trained on prompts of exactly one user message (no system or earlier turns).') -}}
+{%- endif -%}
+{%- set content = messages[0]['content'] -%}
+{%- set ns = namespace(images=0, videos=0, question='', media='') -%}
+{%- if content is string -%}
+{%- set ns.question = content -%}
+{%- else -%}
+{%- for part in content -%}
+{%- if part['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}
+{%- elif part['type'] == 'video' -%}{%- set ns.videos = ns.videos + 1 -%}
+{%- elif part['type'] == 'text' -%}{%- set ns.question = ns.question + part['text'] -%}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- if MULTIMODAL == 0 and ns.images + ns.videos > 0 -%}
+{{- raise_exception('This model is text-only: it takes no images or video.') -}}
+{%- elif ns.videos > 1 or (ns.videos == 1 and ns.images > 0) -%}
+{{- raise_exception('This model takes images or one video per prompt, not both.') -}}
+{%- elif ns.videos == 1 -%}{%- set ns.media = 'VIDEO_TOKEN\n' -%}
+{%- elif ns.images == 1 -%}{%- set ns.media = 'IMAGE_TOKEN\n' -%}
+{%- else -%}
+{%- for i in range(ns.images) -%}{%- set ns.media = ns.media + 'Image-' ~ (i + 1) ~ ': IMAGE_TOKEN\n' -%}{%- endfor -%}
+{%- endif -%}
+PROMPT{{ '' }}"""
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write checkpoint's model and processor to out_dir (atomically: a temp dir, then rename)."""
+def chat_template(prompt_format: str, multimodal: bool, image_token: str = "", video_token: str = "") -> str:
+    """The Jinja template that renders a run's training prompt for one user message."""
+    # Text-only runs tokenize `question + "\n"` (dataset.tokenize_sample): the plain format without media.
+    prompt = PROMPT_TEMPLATES[prompt_format if multimodal else "plain"]
+    body = prompt.format(media="{{ ns.media }}", question="{{ ns.question }}")
+    return (_CHAT_TEMPLATE.replace("MULTIMODAL", str(int(multimodal))).replace("IMAGE_TOKEN", image_token)
+            .replace("VIDEO_TOKEN", video_token).replace("PROMPT", body))
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
+                      dtype: Literal["bf16", "fp16", "fp32"] | None = None) -> Path:
+    """Write checkpoint's model and processor to out_dir, atomically; dtype defaults to the training precision."""
     source = model_dir_of(checkpoint)
     if source is None:
         raise CheckpointError(f"{checkpoint}: not a checkpoint or HF model directory")
+    run = read_saved_run(source)
+    if run is None:
+        raise CheckpointError(f"{source}: no {SAVED_RUN_FILE}: cannot tell the run's prompt format and tiling")
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise CheckpointError(f"{out_dir}: already exists; choose a new export directory")
-    multimodal = "vision_config" in (source / "config.json").read_text()
-    model = load_base_model(source, multimodal)
-    processor = load_processor(source, multimodal)
-    if multimodal:
-        processor.chat_template = INTERNVL2_5_CHAT_TEMPLATE.replace("IMAGE_TOKEN", processor.image_token)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    config = run.config
+    dtype = dtype or ("bf16" if config.bf16 else "fp16" if config.fp16 else "fp32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"export dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    model = load_base_model(source, config.multimodal, config.trust_remote_code).to(DTYPES[dtype])
+    processor = load_processor(source, config.multimodal)
+    configure_processor(processor, run)
+    _remove_abandoned(out_dir)
+    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}")
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        write_saved_run(tmp, run)
+        (tmp / README_FILE).write_text(export_readme(run, dtype), encoding="utf-8")
         os.replace(tmp, out_dir)
-    except Exception:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Delete the temporary directories of killed exports to out_dir (their process is gone)."""
+    for path in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def configure_processor(processor: Any, run: SavedRun) -> None:
+    """The run's prompt as chat template; for InternVL, its tiling (max_tiles, image_size) in the image processor."""
+    config = run.config
+    if not config.multimodal:
+        processor.chat_template = chat_template(config.prompt_format, False)
+        return
+    processor.chat_template = chat_template(config.prompt_format, True, processor.image_token, processor.video_token)
+    size = {"height": config.image_size, "width": config.image_size}
+    image_processor = processor.image_processor
+    image_processor.max_patches, image_processor.size = config.max_tiles, size
+    if getattr(processor, "video_processor", None) is not None:
+        processor.video_processor.size = size
+
+
+def export_readme(run: SavedRun, dtype: str) -> str:
+    """What the export is, what it keeps from the run, and what serving it without the latent loop does."""
+    config = run.config
+    stage_latents = min(run.stage, config.max_latent_stage) * config.thoughts_per_step
+    if config.method == "no_cot":
+        stage_latents = 0
+    tiling = (f"images tiled to at most {config.max_tiles} tiles of {config.image_size} px (plus a thumbnail)"
+              if config.multimodal else "text only")
+    return f"""# COCONUT-VL export
+
+Trained with method `{config.method}` to epoch {run.epoch} (curriculum stage {run.stage}); prompt
+format `{config.prompt_format if config.multimodal else "plain"}` (the chat template renders exactly
+that prompt, for one user message); {tiling}; weights in {dtype}. `{SAVED_RUN_FILE}` holds the
+resolved run config and the latent token ids.
+
+## Latent decoding
+
+At stage {run.stage} the model reasons in {stage_latents} continuous thought(s): after the question
+it expects `<|start-latent|>`, then for each thought its own last hidden state fed back as the next
+input embedding (not a token), then `<|end-latent|>`, and only then decodes text. That loop needs
+this project:
+
+    python run.py --infer THIS_DIR --image IMG.png --question "..." [--json]
+
+or `inference.Inference.load(THIS_DIR).ask(...)`, or `coconut.Coconut.generate` in Python.
+
+## Plain servers (lmdeploy, vLLM, transformers' generate)
+
+They load and serve this directory, but decode tokens only: they never feed hidden states back,
+so the model answers without its continuous thoughts. After a CoT run that is the prompt it was
+trained on; after Coconut stages (even stage 0, whose prompts carry the two markers) it sees a
+prompt without the latent block it was trained with. lmdeploy picks
+its own chat template by model name unless told otherwise; vLLM uses the template here.
+`AutoProcessor` tiles with the torchvision backend, whose resize differs slightly from training's;
+the exact pixels come from `AutoImageProcessor.from_pretrained(THIS_DIR, backend="pil")`.
+"""

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node N run.py args/coconut_vl3_1b.yaml   # train (FSDP2 when N > 1)
     python run.py args/demo.yaml                                   # one process, CPU or one GPU
     python run.py args/demo.yaml num_epochs=2 lr=1e-4              # KEY=VALUE overrides, values read as YAML
-    python run.py --export CHECKPOINT_DIR OUT_DIR                  # plain HF model + processor
+    python run.py --export CHECKPOINT_DIR OUT_DIR [--dtype D]      # plain HF model + processor
+    python run.py --infer CHECKPOINT --image PATH --question TEXT  # answer, with the thoughts (inference.py)
 
 Only light modules are imported at the top: a bad config or override is refused before torch and
 transformers load (they take seconds), on every rank of a torchrun launch alike.
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config keys set on top of the file, values read as YAML (e.g. lr=1e-4 name=try2)")
     parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
                         help="write a checkpoint's model + processor as a plain HF directory and exit")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="with --export: weights (default: training's)")
     return parser
 
 
@@ -47,7 +49,7 @@ def train_mode(args: argparse.Namespace) -> int:
 def export_mode(args: argparse.Namespace) -> int:
     from export import export_checkpoint
 
-    print(export_checkpoint(*args.export))
+    print(export_checkpoint(*args.export, dtype=args.dtype))
     return 0
 
 
@@ -56,8 +58,15 @@ FLAG_MODES: dict[str, Callable[[argparse.Namespace], int]] = {"export": export_m
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--infer" in argv:  # inference has options of its own
+        from inference import cli
+
+        return cli(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dtype is not None and args.export is None:
+        parser.error("--dtype goes with --export")
     flags = [name for name in FLAG_MODES if getattr(args, name) is not None]
     if len(flags) > 1:
         parser.error(f"choose one of {', '.join('--' + f for f in flags)}")

@@ -36,7 +36,7 @@ from distributed import (
     shard,
     shutdown,
 )
-from evaluation import generation_accuracy, to_device, validation_loss
+from evaluation import PREDICTIONS_DIR, generation_accuracy, to_device, validation_loss, write_predictions
 from latent_checkpoint import enable_latent_checkpointing
 from model_setup import add_latent_tokens, check_image_size, freeze, load_base_model, load_processor, tokenizer_of
 from multimodal.collator_mm import MultimodalCollator
@@ -135,7 +135,7 @@ class Run:
         model_dir = self._model_dir()
         if config.multimodal:
             check_image_size(model_dir, config.image_size)
-        self.processor = load_processor(model_dir, config.multimodal)
+        self.processor = load_processor(model_dir, config.multimodal, config.trust_remote_code)
         self.tokenizer = tokenizer_of(self.processor)
         if self.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers (the original did the same)
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -170,7 +170,7 @@ class Run:
         if config.multimodal:
             base, media = tokenize_mm_records(records, path, self.tokenizer, ImageTokens.from_processor(self.processor), config)
         else:
-            base, media = tokenize_records(records, self.tokenizer), {}
+            base, media = tokenize_records(records, self.tokenizer, path), {}
         max_length = config.max_length or self.base.config.get_text_config().max_position_embeddings
         return Split(path, records, drop_overlong(base, config, self.ids, max_length, path), media)
 
@@ -219,7 +219,10 @@ class Run:
         stage = record["stage"]
         record["val_loss"] = self._val_loss(stage)
         result = self._generate(stage)
-        record.update(accuracy=result.accuracy, cot_match=result.cot_match, correct=result.correct, total=result.total)
+        record.update(accuracy=result.accuracy, cot_match=result.cot_match, written_cot_match=result.written_cot_match,
+                      correct=result.correct, total=result.total)
+        if self.info.is_main:  # eval-only and debug runs too
+            write_predictions(self.save_dir / PREDICTIONS_DIR / f"epoch_{record['epoch']}.jsonl", result.predictions)
         self._report(record, result.examples)
         return result.accuracy
 
@@ -337,8 +340,7 @@ class Run:
         config = self.config
         questions = get_question_latent_dataset(stage, self.val.base, config, self.ids)
         return generation_accuracy(self.model, self.val.wrap(questions, config), self.collate, self.val.records,
-                                   self.tokenizer, self.info, config.batch_size_eval, config.max_new_tokens,
-                                   config.num_workers, self.autocast)
+                                   self.tokenizer, self.info, config, stage, self.autocast)
 
     # --- output -------------------------------------------------------------------------------
     def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
