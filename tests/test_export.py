@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 
 import run
 from export import chat_template
-from multimodal.dataset_mm import ImageTokens, MediaBuilder
+from multimodal.dataset_mm import ImageTokens, tokenize_mm_records
 from multimodal.transforms import ImageTransform
 from saved_run import SAVED_RUN_FILE, read_saved_run
 from tests.run_helpers import REPO, demo_config, subprocess_env
@@ -100,14 +100,15 @@ def test_template_and_processor_give_the_training_prompt_and_tiles(trained, tmp_
     assert processor.image_processor.max_patches == 6  # the run's max_tiles (the tiny model's own says 12)
     assert processor.image_processor.size["height"] == processor.image_processor.size["width"] == 56
     config = dataclasses.replace(read_saved_run(out).config, image_dir=str(tmp_path))
-    builder = MediaBuilder(config, processor.tokenizer, ImageTokens.from_processor(processor))
+    tokens = ImageTokens.from_processor(processor)
     wide, a, b = images(tmp_path)
     question = "What colour is the shape?"
     for paths in ([wide], [a, b], []):
         record = {"question": question, "steps": [], "answer": ""}
         if paths:
             record["image"] = [p.name for p in paths]
-        expected = builder.question(record, builder.visuals(record, "test"))
+        (sample,), _ = tokenize_mm_records([record], "test", processor.tokenizer, tokens, config)
+        expected = sample["question_tokenized"]
         text = processor.apply_chat_template(user(question, images=len(paths)), add_generation_prompt=True)
         pil = [Image.open(p) for p in paths] or None
         got = processor(text=text, images=pil, return_tensors="pt")["input_ids"][0].tolist()
