@@ -214,7 +214,8 @@ def write_checkpoint(
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             cause = f"{error}" if error is not None else f"{int(failed)} other rank(s) could not write their part"
-            raise CheckpointError(f"could not write checkpoint {final}: {cause} (earlier checkpoints are intact)") from error
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {cause} (earlier checkpoints are intact)") from error
 
     def start() -> None:
         if rank == 0:

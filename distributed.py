@@ -43,13 +43,13 @@ def init_distributed(timeout_s: int) -> DistInfo:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+        # numbers the host already has (label counts, stop requests) are summed over gloo on the
+        # CPU: no device-to-host copy, so the GPU queue is never drained for them
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    global _HOST_GROUP
-    # numbers the host already has (label counts, stop requests) are summed over gloo on the CPU:
-    # no device-to-host copy, so the GPU queue is never drained for them
-    _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if device.type == "cuda" else None
     return DistInfo(rank, world, local_rank, device)
 
 

@@ -82,6 +82,8 @@ def run(config: Config) -> dict[str, Any]:
     except Preempted as stop:
         if info.is_main:
             print(stop.message, file=sys.stderr, flush=True)
+        if info.distributed:  # torchrun's agent stops the ranks still exiting when the first one has: let them finish
+            ignore_stop_signals(info.rank)
         raise
     finally:
         shutdown()
@@ -97,7 +99,7 @@ class Run:
         self.state = ckpt.TrainState(epoch=config.resume, first_epoch=config.resume)
         self.resume_from: Path | None = None
         self.resume_pending = False  # the first epoch of this launch has yet to take the checkpoint's state
-        self.saved_at: tuple[int, int] | None = None  # (epoch, batch) of the newest checkpoint on disk
+        self.newest: tuple[int, int, Path] | None = None  # epoch, batch and path of the newest checkpoint
         self.metrics: list[dict[str, Any]] = []
         self.unevaluated = False  # the resumed checkpoint's epoch has no metrics line yet
         self.stop = StopRequests()
@@ -121,8 +123,9 @@ class Run:
             path, state = found
             self._check_resumable(path, state)
             self.resume_from, self.state, self.resume_pending = path, state, True
-            self.saved_at = (state.epoch, state.batch)
-            where = f"in epoch {state.epoch + 1} after {state.batch} micro-batches" if state.ranks else f"epoch {state.epoch}"
+            self.newest = (state.epoch, state.batch, path)
+            where = f"epoch {state.epoch}" if not state.ranks else (
+                f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
             self._restore_metrics()
         if self.info.is_main:
@@ -246,8 +249,8 @@ class Run:
                 self.state.epoch, self.state.batch = epoch + 1, 0
                 if not config.save_only_improve:
                     path = self._save(optimizer)
-                if self.stopping:  # agreed at the epoch's end: evaluation waits for the rerun (it starts with it)
-                    raise Preempted(self._stopped(f"saved {path}"))
+                    if self.stopping:  # agreed at the epoch's end: the rerun starts with this epoch's evaluation
+                        raise Preempted(self._stopped(f"saved {path}"))
             accuracy = self._evaluate(record)
             if config.only_eval:
                 break
@@ -374,7 +377,8 @@ class Run:
         loss_sum.copy_(part["loss_sum"])
         self.scaler.load_state_dict(part["scaler"])
 
-    def _train_window(self, window: list[dict[str, Any]], n_labels: float, throughput: _Throughput) -> tuple[torch.Tensor, Any]:
+    def _train_window(self, window: list[dict[str, Any]], n_labels: float,
+                      throughput: _Throughput) -> tuple[torch.Tensor, Any]:
         """Forward and backward of one optimizer step's micro-batches; returns this rank's summed CE.
 
         Each micro-batch's summed CE is divided by (global label count of the whole window ÷ world
@@ -428,9 +432,8 @@ class Run:
         if done == n_batches and not self.config.save_only_improve:
             self.stopping = True  # the epoch checkpoint, saved next, holds this point
             return
-        if self.saved_at == (epoch, done):
-            newest = ckpt.newest_checkpoint(self.save_dir)[0]
-            raise Preempted(self._stopped(f"{newest} already holds this point"))
+        if self.newest is not None and self.newest[:2] == (epoch, done):
+            raise Preempted(self._stopped(f"{self.newest[2]} already holds this point"))
         path = self._save_step(optimizer, epoch, done, loss_sum)
         raise Preempted(self._stopped(f"saved {path}"))
 
@@ -480,7 +483,7 @@ class Run:
                 torch.save(optim_state, directory / ckpt.OPTIMIZER_FILE)
 
         path = ckpt.write_checkpoint(self.save_dir, name, info.rank, state, write_main, rank_part)
-        self.saved_at = (state.epoch, state.batch)
+        self.newest = (state.epoch, state.batch, path)
         if info.is_main:
             ckpt.prune(self.save_dir, path, config.save_total_limit)
             self._print(f"saved {path}")
