@@ -62,7 +62,9 @@ class TrainState:
     (seed, epoch); a step checkpoint also carries every rank's RNG states (rank_{r}.pt)."""
 
     epoch: int = 0  # epochs completed
-    batch: int = 0  # micro-batches of epoch `epoch` already trained (step checkpoints; 0 at a boundary)
+    # micro-batches of epoch `epoch` already trained (step checkpoints; 0 at an epoch boundary). Always
+    # at an optimizer-step boundary: no gradient is half accumulated, so this is the whole accumulation phase
+    batch: int = 0
     step: int = 0  # optimizer steps taken since the run's first launch
     first_epoch: int = 0  # where the LR schedule starts: the first launch's `resume`
     best_acc: float = 0.0

@@ -537,7 +537,9 @@ sys.exit(run.main(sys.argv[1:]))
     [
         # torchrun's agent sees the exit and stops the other rank
         ("dies", "os._exit(1)", "exitcode  : 1"),
-        # nothing exits: rank 0's next collective fails after dist_timeout_s (10 s), and that stops rank 1
+        # nothing exits: rank 0's next collective fails after dist_timeout_s (10 s); torchrun then sends
+        # rank 1 SIGTERM, which only asks it to stop at its next step boundary (it never gets there),
+        # and SIGKILL after its shutdown grace (30 s by default)
         ("hangs", "time.sleep(3600)", "Timed out waiting 10000ms"),
     ],
 )
@@ -553,7 +555,7 @@ def test_a_failing_rank_stops_the_other_in_bounded_time(tmp_path, tiny_model_dir
     elapsed = time.monotonic() - start
     assert f"rank 1: {how} after its first optimizer step" in result.stderr, result.stderr[-3000:]
     assert result.returncode != 0 and evidence in result.stderr, result.stderr[-3000:]
-    assert elapsed < 60, (elapsed, result.stderr[-3000:])
+    assert elapsed < 90, (elapsed, result.stderr[-3000:])  # the timeout and torchrun's grace, with start-up
     assert not ckpt.complete_checkpoints(tmp_path / "checkpoints" / how)
 
 
