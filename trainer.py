@@ -248,7 +248,7 @@ class Run:
                 record["train_loss"] = self.state.train_loss = self._train_epoch(epoch, stage, optimizer)
                 self.state.epoch, self.state.batch = epoch + 1, 0
                 if not config.save_only_improve:
-                    path = self._save(optimizer)
+                    path = self._save(optimizer, announce=not self.stopping)
                     if self.stopping:  # agreed at the epoch's end: the rerun starts with this epoch's evaluation
                         raise Preempted(self._stopped(f"saved {path}"))
             accuracy = self._evaluate(record)
@@ -348,10 +348,12 @@ class Run:
                 if not window:
                     break
                 ce, out = self._train_window(window, n_labels, throughput)
-                loss_sum += torch.stack([ce, torch.tensor(float(labels), dtype=torch.float64, device=info.device)])
+                loss_sum[0] += ce
+                loss_sum[1] += labels
                 if info.distributed:
                     release_gathered(self.decoder_layers)
-                lr = self._optimizer_step(optimizer, schedule.lr(schedule.position(epoch, done // accum)))
+                lr = schedule.lr(schedule.position(epoch, done // accum))
+                self._optimizer_step(optimizer, lr)
                 done += len(window)
                 bar.update(len(window))
                 if self.state.step % config.log_every == 0:
@@ -398,7 +400,7 @@ class Run:
             ce += out.loss.detach().double() * denominator
         return ce, out
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float) -> float:
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.config.max_grad_norm > 0:
@@ -408,7 +410,6 @@ class Run:
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return lr
 
     def _log_step(self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: int,
                   throughput: _Throughput, bar: tqdm) -> None:
@@ -434,7 +435,7 @@ class Run:
             return
         if self.newest is not None and self.newest[:2] == (epoch, done):
             raise Preempted(self._stopped(f"{self.newest[2]} already holds this point"))
-        path = self._save_step(optimizer, epoch, done, loss_sum)
+        path = self._save_step(optimizer, epoch, done, loss_sum, announce=False)  # the stop's line says it
         raise Preempted(self._stopped(f"saved {path}"))
 
     def _stopped(self, what: str) -> str:
@@ -443,23 +444,26 @@ class Run:
                 "run the same command again to resume from it")
 
     # --- output -------------------------------------------------------------------------------
-    def _save(self, optimizer: torch.optim.Optimizer | None, accuracy: float | None = None) -> Path:
+    def _save(self, optimizer: torch.optim.Optimizer | None, accuracy: float | None = None,
+              announce: bool = True) -> Path:
         """checkpoint_{epoch} at an epoch boundary. With reset_optimizer it holds no optimizer state:
         the next epoch starts a fresh AdamW anyway, and AdamW's state is twice the fp32 weights."""
         keep_optimizer = optimizer is not None and not self.config.reset_optimizer
         state = dataclasses.replace(self.state, batch=0, ranks=0, optimizer_saved=keep_optimizer, accuracy=accuracy)
         return self._write(f"{ckpt.PREFIX}{state.epoch}", state, optimizer if keep_optimizer else None, None,
-                           self.config.stage(state.epoch - 1))
+                           self.config.stage(state.epoch - 1), announce)
 
-    def _save_step(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, loss_sum: torch.Tensor) -> Path:
+    def _save_step(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, loss_sum: torch.Tensor,
+                   announce: bool = True) -> Path:
         """step_{S} mid-epoch: also every rank's RNG states, running loss sums and loss scaler."""
         state = dataclasses.replace(self.state, epoch=epoch, batch=done, ranks=self.info.world_size,
                                     optimizer_saved=True, accuracy=None)
         part = {"rng": ckpt.rng_state(self.info.device), "loss_sum": loss_sum.cpu(), "scaler": self.scaler.state_dict()}
-        return self._write(f"{ckpt.STEP_PREFIX}{state.step}", state, optimizer, part, self.config.stage(epoch))
+        name = f"{ckpt.STEP_PREFIX}{state.step}"
+        return self._write(name, state, optimizer, part, self.config.stage(epoch), announce)
 
     def _write(self, name: str, state: ckpt.TrainState, optimizer: torch.optim.Optimizer | None,
-               rank_part: dict[str, Any] | None, stage: int) -> Path:
+               rank_part: dict[str, Any] | None, stage: int, announce: bool) -> Path:
         """Gather full weights and optimizer state (every rank takes part); write atomically; prune."""
         config, info = self.config, self.info
         if not self.writes:
@@ -486,7 +490,8 @@ class Run:
         self.newest = (state.epoch, state.batch, path)
         if info.is_main:
             ckpt.prune(self.save_dir, path, config.save_total_limit)
-            self._print(f"saved {path}")
+            if announce:
+                self._print(f"saved {path}")
         return path
 
     def _val_loss(self, stage: int) -> float:

@@ -25,6 +25,7 @@ def torchrun(config, nproc: int, timeout: int = 300) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
     keys = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=2, lr=1e-3)
     one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
@@ -59,6 +60,7 @@ def worker() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents(worker):
     """The n+1 latent passes run forward and backward without re-gathering the decoder layers."""
     calls = worker["collectives"]
@@ -67,6 +69,7 @@ def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents(work
     assert gathers == 2 + 1  # two decoder layers and the root, once each
 
 
+@pytest.mark.slow
 def test_an_optimizer_built_after_evaluation_holds_the_sharded_parameters(worker):
     """After an evaluation forward the decoder layers (reshard_after_forward=False) and the root stay
     gathered, their parameters swapped for plain tensors: an AdamW built then (reset_optimizer at a
@@ -78,6 +81,7 @@ def test_an_optimizer_built_after_evaluation_holds_the_sharded_parameters(worker
     assert result["fresh_state_entries"] == result["trainable"] > 0, result
 
 
+@pytest.mark.slow
 def test_compiled_latent_passes_under_fsdp_equal_eager(worker):
     result = worker["compiled"]
     assert result["graphs"] >= 1, result  # the passes did run compiled
@@ -86,6 +90,7 @@ def test_compiled_latent_passes_under_fsdp_equal_eager(worker):
     assert result["max_grad_diff"] <= 1e-4 * result["max_grad"] + 1e-6, result
 
 
+@pytest.mark.slow
 def test_cuda_graph_compile_is_refused_under_torchrun(tmp_path, tiny_model_dir):
     config = demo_config(tmp_path, tiny_model_dir, name="graphs", num_epochs=1, compile_latent_passes="reduce-overhead")
     result = torchrun(config, nproc=2)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import checkpoint as ckpt
 import run
 import trainer
 from tests.instrumented_run import install_recorder
-from tests.run_helpers import REPO, demo_config, subprocess_env
+from tests.run_helpers import demo_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,7 +40,7 @@ def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_d
 
     def recording(self, optimizer, lr):
         state_at_first_step.setdefault((self.config.reset_optimizer, self.state.epoch), len(optimizer.state))
-        return step(self, optimizer, lr)
+        step(self, optimizer, lr)
 
     monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
     for reset in (True, False):
@@ -67,7 +65,7 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
 
     def recording(self, optimizer, lr):
         lrs.append(lr)
-        return step(self, optimizer, lr)
+        step(self, optimizer, lr)
 
     monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
     config = demo_config(tmp_path, tiny_model_dir, name="schedule", resume=2, num_epochs=4, epochs_per_stage=1,
@@ -86,52 +84,39 @@ ACCUMULATION = dict(num_epochs=1, epochs_per_stage=1, lr=0.0, max_grad_norm=0.5,
 
 
 def recorded_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch, name: str, **keys) -> dict:
+    """A run in this process with install_recorder's record: per step, gradients and logged loss."""
     record = {"clipped": [], "unclipped": [], "losses": []}
     with monkeypatch.context() as patch:
         for module, attribute in ((torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step"),
                                   (trainer, "_init_wandb")):
             patch.setattr(module, attribute, getattr(module, attribute))  # undone on leaving
         install_recorder(record)
-        config = demo_config(tmp_path, tiny_model_dir, name=name, **ACCUMULATION, **keys)
+        config = demo_config(tmp_path, tiny_model_dir, name=name, **{**ACCUMULATION, **keys})
         assert run.main([str(config)]) == 0
     return record
 
 
-def assert_same_steps(got: dict, expected: dict) -> None:
-    """Every step's gradients before and after clipping, and its logged loss, equal to float rounding."""
-    assert len(got["unclipped"]) == len(expected["unclipped"]) == 6
+def assert_same_steps(got: dict, expected: dict, steps: int) -> None:
+    """The first `steps` steps' gradients before and after clipping, and their logged losses, equal
+    to float rounding."""
+    assert min(len(got["unclipped"]), len(expected["unclipped"])) >= steps
     for kind in ("unclipped", "clipped"):
-        for step, (a, b) in enumerate(zip(got[kind], expected[kind], strict=True)):
+        for step, (a, b) in enumerate(zip(got[kind][:steps], expected[kind][:steps], strict=True)):
             for i, (ga, gb) in enumerate(zip(a, b, strict=True)):
                 torch.testing.assert_close(ga, gb, rtol=2e-4, atol=2e-7, msg=f"{kind} step {step + 1} tensor {i}")
-    assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+    assert got["losses"][:steps] == pytest.approx(expected["losses"][:steps], rel=1e-5)
 
 
 def test_accumulation_2_x_batch_4_equals_batch_8_in_gradients_and_logged_loss(tmp_path, tiny_model_dir, monkeypatch):
     """The loss of an optimizer step is the token mean over all its micro-batches: the summed token
     CE divided by the label count of the whole step (not each micro-batch's mean, then averaged).
     Both runs see the same 8 samples per step in the same order; with lr 0 every step starts from
-    the same weights. Clipping (max_grad_norm 0.5) is active: the recorded norms after it are 0.5."""
+    the same weights. Clipping (max_grad_norm 0.5) is active: the recorded norms after it are 0.5.
+    (2 ranks x batch 2 x accumulation 2 against this: tests/test_preemption.py's 2-rank test.)"""
     one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "batch_8", batch_size_training=8)
     two = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "accum_2", batch_size_training=4,
                        gradient_accumulation_steps=2)
-    assert_same_steps(two, one)
+    assert len(one["unclipped"]) == len(two["unclipped"]) == 6
+    assert_same_steps(two, one, steps=6)
     for grads in one["clipped"]:
         assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) == pytest.approx(0.5)
-
-
-@pytest.mark.slow
-def test_two_ranks_accumulating_equal_one_rank_in_gradients_and_logged_loss(tmp_path, tiny_model_dir, monkeypatch):
-    """2 ranks x batch 2 x accumulation 2 under torchrun (FSDP2) against 1 process x batch 8: the
-    same 8 samples per step (DistributedSampler deals rank r every other sample of the order)."""
-    one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "one", batch_size_training=8)
-    config = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=2, gradient_accumulation_steps=2,
-                         **ACCUMULATION)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.instrumented_run", str(config)],
-        cwd=REPO, env={**subprocess_env(), "RECORD": str(tmp_path / "two.pt")}, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_steps(torch.load(tmp_path / "two.pt", weights_only=True), one)

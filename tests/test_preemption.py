@@ -32,6 +32,7 @@ import preemption
 import run
 import trainer
 from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
+from tests.test_optimisation import assert_same_steps, recorded_run
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).
@@ -74,10 +75,9 @@ def stop_at(step: int, sig: signal.Signals) -> Callable:
     real = trainer.Run._optimizer_step
 
     def step_then_signal(self, *args, **kwargs):
-        lr = real(self, *args, **kwargs)
+        real(self, *args, **kwargs)
         if self.state.step == step:
             os.kill(os.getpid(), sig)
-        return lr
 
     return step_then_signal
 
@@ -87,9 +87,11 @@ def stopped(capsys, config: Path) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run.main([str(config)])
     assert exit_info.value.code == preemption.EX_TEMPFAIL
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("stopped by ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if lines[0].split(": ")[1].startswith("saved "):  # its save is announced by that line alone
+        assert lines[0].split(": ")[1].split(";")[0] not in out, out[-3000:]
     return lines[0]
 
 
@@ -117,8 +119,8 @@ def test_a_stop_signal_saves_a_step_checkpoint_and_the_rerun_equals_the_uninterr
     assert (state["epoch"], state["batch"], state["step"]) == (epochs_done, 2 * (step % STEPS_PER_EPOCH), step)
 
     out = rerun(capsys, config)
-    resumed = f"resuming from {save_dir / f'step_{step}'} (in epoch {epochs_done + 1} after {state['batch']} micro-batches)"
-    assert resumed in out
+    where = f"in epoch {epochs_done + 1} after {state['batch']} micro-batches"
+    assert f"resuming from {save_dir / f'step_{step}'} ({where})" in out
     assert_same_run(save_dir, straight)
 
 
@@ -152,10 +154,9 @@ def hard_kill_at_step(step: int) -> None:
     real = trainer.Run._optimizer_step
 
     def step_then_die(self, *args, **kwargs):
-        lr = real(self, *args, **kwargs)
+        real(self, *args, **kwargs)
         if self.state.step == step:
             os._exit(9)
-        return lr
 
     trainer.Run._optimizer_step = step_then_die
 
@@ -316,6 +317,7 @@ def assert_complete(directory: Path, model_files: set[str]) -> None:
         torch.load(directory / name, weights_only=True)
 
 
+@pytest.mark.slow  # some twenty forked runs
 def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint(
         tmp_path, tiny_model_dir, straight, capsys):
     """The saves of step_4 (it drops step_2) and of checkpoint_1 (it drops step_4), each killed at
@@ -362,30 +364,36 @@ def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint
 # --- two ranks ---------------------------------------------------------------------------------
 
 
-def torchrun(config: Path, fault: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(config: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """tests/instrumented_run.py under a 2-rank torchrun, with its FAULT or RECORD variables."""
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "tests.instrumented_run", str(config)],
-        cwd=REPO, env={**subprocess_env(), "FAULT": fault}, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO, env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=timeout,
     )
 
 
 @pytest.mark.slow
-def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, tiny_model_dir):
+def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, tiny_model_dir, monkeypatch):
     """Under torchrun, 2 ranks x 2 per micro-batch x accumulation 2, DataLoader workers, 2 epochs:
     only rank 1 gets SIGTERM, after step 3; both stop after that step (exit 75) with one step_3.
     The rerun is killed hard (os._exit on rank 1) after step 8, when checkpoint_1 (no optimizer.pt:
     reset by design) is the newest. The third run ends as the uninterrupted 2-rank run, keeping
-    save_total_limit 1 checkpoint."""
+    save_total_limit 1 checkpoint. The uninterrupted run's first step also shows the loss
+    token-weighted across ranks and accumulation steps: its gradients before and after clipping,
+    and its logged loss, are one process's at batch 8 (the same 8 samples)."""
     keys = {**KEYS, "num_epochs": 2, "batch_size_training": 2, "num_workers": 1, "save_total_limit": 1}
     straight = demo_config(tmp_path, tiny_model_dir, name="straight", **keys)
     config = demo_config(tmp_path, tiny_model_dir, name="two", **keys)
     save_dir = tmp_path / "checkpoints" / "two"
 
-    result = torchrun(straight)
+    result = torchrun(straight, RECORD=str(tmp_path / "straight.pt"))
     assert result.returncode == 0, result.stderr[-3000:]
+    one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "one", **{
+        **keys, "num_epochs": 1, "batch_size_training": 8, "gradient_accumulation_steps": 1, "num_workers": 0})
+    assert_same_steps(torch.load(tmp_path / "straight.pt", weights_only=True), one, steps=1)
 
-    result = torchrun(config, fault="3:1:SIGTERM")
+    result = torchrun(config, FAULT="3:1:SIGTERM")
     lines = [line for line in result.stderr.splitlines() if line.startswith("stopped by ")]
     assert lines == [f"stopped by a stop signal to another rank after optimizer step 3: saved {save_dir / 'step_3'}; "
                      "run the same command again to resume from it"], result.stderr[-3000:]
@@ -394,7 +402,7 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
     assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == ["step_3"]
     assert {p.name for p in (save_dir / "step_3").glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
 
-    result = torchrun(config, fault="8:1:exit")
+    result = torchrun(config, FAULT="8:1:exit")
     assert result.returncode != 0 and "exitcode  : 9" in result.stderr, result.stderr[-3000:]
     assert f"resuming from {save_dir / 'step_3'} (in epoch 1 after 6 micro-batches)" in result.stdout
     newest, state = ckpt.newest_checkpoint(save_dir)
