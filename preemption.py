@@ -18,6 +18,8 @@ within DUPLICATE_S of the first counts as the same one.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # its exit handler is registered on import: before ours, so it runs after ours
 import os
 import signal
 import sys
@@ -84,3 +86,17 @@ def ignore_stop_signals(worker_id: int) -> None:
     (a scheduler signals every process of the job, and a worker killed by it would fail the run)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, end the DataLoader workers whose loader was never shut down (an error unwound it):
+    multiprocessing's own exit handler sends its daemon children SIGTERM and waits for them, which
+    workers that ignore stop signals would make wait forever. SIGKILL cannot be ignored."""
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each kill as a worker failure
+        for child in leftover:
+            child.kill()
+
+
+atexit.register(_kill_leftover_workers)

@@ -262,6 +262,23 @@ def test_a_second_sigint_aborts_at_once_but_torchruns_forwarded_copy_does_not(tm
                                        "re-running the same command resumes from the newest checkpoint")
 
 
+LEFT_RUNNING = """
+from torch.utils.data import DataLoader
+from preemption import ignore_stop_signals
+loader = DataLoader(list(range(100)), batch_size=1, num_workers=1, worker_init_fn=ignore_stop_signals)
+batches = iter(loader)  # never exhausted nor shut down: what an error unwinding a run can leave to the exit
+next(batches)
+"""
+
+
+def test_workers_left_running_by_an_error_do_not_hang_the_exit():
+    """Workers ignore stop signals, and multiprocessing's exit handler ends them with SIGTERM and
+    waits: without preemption's own exit handler this process would never exit."""
+    result = subprocess.run([sys.executable, "-c", LEFT_RUNNING], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
 # --- a hard kill at every file write of a save --------------------------------------------------
 
 
