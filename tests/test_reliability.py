@@ -1,10 +1,11 @@
 """Reliability and security through the CLI: bad input, preemption and faults, nothing lost.
 
 Every user mistake (config, data, checkpoint) ends `run.main` with status 2 and one line
-"error: ..." on stderr that names the file, the record and the key or path. A kill -9 at any moment,
-a rank dying under torchrun, or a full disk never leaves a checkpoint that looks complete but is
-not, and rerunning the same command finishes exactly as an uninterrupted run. Neither pickled
-code nor a model directory's own *.py ever runs unless the config opts in.
+"error: ..." on stderr that names the file, the record and the key or path. A rank dying under
+torchrun, or a full disk, never leaves a checkpoint that looks complete but is not, and rerunning
+the same command finishes exactly as an uninterrupted run (kills and stop signals at chosen steps,
+evaluations and file writes: tests/test_preemption.py). Neither pickled code nor a model
+directory's own *.py ever runs unless the config opts in.
 """
 
 from __future__ import annotations
