@@ -1,143 +1,387 @@
 """Checkpoints: HF-format model + processor, plus what resuming needs, written atomically.
 
-A checkpoint is save_dir/checkpoint_{epoch}/ with
-  model/               save_pretrained (safetensors) + processor/tokenizer: loads with from_pretrained
-  optimizer.pt         full (unsharded) optimizer state, tensors only (loaded with weights_only=True)
-  trainer_state.json   epoch, global step, best accuracy
-It is written into a hidden temporary directory and renamed into place only when complete, so a
-kill at any moment leaves either the previous checkpoints or the new one — never a half one that
-looks complete. Temporary leftovers are ignored and removed on the next start.
+save_dir holds two kinds of checkpoint:
+  checkpoint_{E}/   after epoch E (the original's name)
+  step_{S}/         after optimizer step S, mid-epoch (save_every_steps, or a stop signal)
+Each is a directory with
+  model/               save_pretrained (safetensors) + processor + coconut_config.yaml: loads with
+                       from_pretrained; saved_run.py reads the record of the run
+  optimizer.pt         full (unsharded) optimizer state, tensors only (loaded with weights_only=True);
+                       absent where trainer_state.json says optimizer_saved: false (reset_optimizer
+                       runs' epoch checkpoints: the next epoch starts a fresh AdamW anyway)
+  rank_{r}.pt          step checkpoints: rank r's RNG states, running loss sums and loss scaler
+  trainer_state.json   progress (TrainState); written last
+Every rank writes its parts into the hidden directory `.coconut-tmp-{name}`; rank 0 writes the
+state file and renames the directory into place only once every rank has reported its parts
+written. A kill at any moment therefore leaves either the previous checkpoints or the new one,
+never a half one that looks complete; leftovers of this project's own temporary names are removed
+on the next start, and nothing else is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
+from distributed import all_reduce_host
 
 PREFIX = "checkpoint_"
-TMP_PREFIX = ".tmp-"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".coconut-tmp-"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 MODEL_DIR = "model"
 WRAPPER_PREFIX = "base_causallm."
+_NAME = re.compile(rf"({PREFIX}|{STEP_PREFIX})(\d+)")
+# what this project writes under a temporary name: checkpoints being written or dropped, and files
+# written atomically (metrics.jsonl, config.yaml); only these are ever removed as leftovers
+_LEFTOVER = re.compile(rf"{re.escape(TMP_PREFIX)}(({PREFIX}|{STEP_PREFIX})\d+(-old)?|metrics\.jsonl|config\.yaml)")
 
 
 @dataclasses.dataclass
 class TrainState:
-    """Progress that resuming restores; RNG streams are re-derived from (seed, epoch)."""
+    """Progress that resuming restores. At an epoch boundary the RNG streams are re-derived from
+    (seed, epoch); a step checkpoint also carries every rank's RNG states (rank_{r}.pt)."""
 
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
+    # micro-batches of epoch `epoch` already trained (step checkpoints; 0 at an epoch boundary). Always
+    # at an optimizer-step boundary: no gradient is half accumulated, so this is the whole accumulation phase
+    batch: int = 0
+    step: int = 0  # optimizer steps taken since the run's first launch
+    first_epoch: int = 0  # where the LR schedule starts: the first launch's `resume`
     best_acc: float = 0.0
     train_loss: float | None = None  # of the last completed epoch, for its metrics line
+    accuracy: float | None = None  # this checkpoint's accuracy where known when saving (save_only_improve)
+    optimizer_saved: bool = True  # False: no optimizer.pt by design (reset_optimizer epoch checkpoints)
+    ranks: int = 0  # rank_{r}.pt parts: the world size that wrote a step checkpoint; 0 for epoch checkpoints
 
 
-def complete_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every complete checkpoint, oldest first."""
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_STATE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epoch": (_count, "an integer >= 0"),
+    "batch": (_count, "an integer >= 0"),
+    "step": (_count, "an integer >= 0"),
+    "first_epoch": (_count, "an integer >= 0"),
+    "best_acc": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "train_loss": (lambda v: v is None or _number(v), "a finite number or null"),
+    "accuracy": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "a number in [0, 1] or null"),
+    "optimizer_saved": (lambda v: isinstance(v, bool), "true or false"),
+    "ranks": (_count, "an integer >= 0"),
+}
+
+
+def read_state(checkpoint: Path) -> TrainState:
+    """The checkpoint's TrainState, every value checked: a bad one is named with its file and key."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable trainer state: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key in ("epoch", "step"):
+        if key not in raw:
+            raise CheckpointError(f"{path}: missing key '{key}'")
+    for key, value in raw.items():
+        if key not in _STATE_CHECKS:
+            raise CheckpointError(f"{path}: unknown key '{key}'")
+        check, expected = _STATE_CHECKS[key]
+        if not check(value):
+            raise CheckpointError(f"{path}: key '{key}': expected {expected}, got {value!r}")
+    state = TrainState(**raw)
+    if state.first_epoch > state.epoch:
+        raise CheckpointError(f"{path}: key 'first_epoch': {state.first_epoch} is past key 'epoch' ({state.epoch})")
+    return state
+
+
+# --- finding checkpoints ------------------------------------------------------------------------
+
+
+def is_step_checkpoint(path: Path) -> bool:
+    return path.name.startswith(STEP_PREFIX)
+
+
+def _progress(found: tuple[Path, TrainState]) -> tuple[int, int, bool]:
+    """Order of training progress: epoch, then micro-batches into the next epoch."""
+    path, state = found
+    return state.epoch, state.batch, is_step_checkpoint(path)
+
+
+def find_checkpoints(save_dir: str | Path) -> list[tuple[Path, TrainState]]:
+    """Every directory named as a checkpoint that holds a state file (which claims it complete), with
+    its state, oldest progress first. A directory without one is not a checkpoint of this project."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
-    found = []
-    for path in save_dir.iterdir():
-        suffix = path.name[len(PREFIX):]
-        if path.name.startswith(PREFIX) and suffix.isdigit() and (path / STATE_FILE).is_file():
-            found.append((int(suffix), path))
-    return sorted(found)
+    found = [(p, read_state(p)) for p in save_dir.iterdir()
+             if _NAME.fullmatch(p.name) and p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_progress)
 
 
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(save_dir)
-    return found[-1][1] if found else None
+def missing_parts(checkpoint: Path, state: TrainState) -> list[str]:
+    """What a checkpoint lacks of what its state file says it holds."""
+    missing = []
+    model = checkpoint / MODEL_DIR
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        missing.append(f"{MODEL_DIR}/ (config.json and weights)")
+    if state.optimizer_saved and not (checkpoint / OPTIMIZER_FILE).is_file():
+        missing.append(OPTIMIZER_FILE)
+    missing += [rank_file(r) for r in range(state.ranks) if not (checkpoint / rank_file(r)).is_file()]
+    return missing
 
 
-def remove_partial(save_dir: str | Path) -> None:
-    """Delete temporary directories that a killed save left behind."""
-    save_dir = Path(save_dir)
-    if save_dir.is_dir():
-        for path in save_dir.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(path, ignore_errors=True)
+def newest_checkpoint(save_dir: str | Path) -> tuple[Path, TrainState] | None:
+    """The checkpoint with the most progress (epoch or step), checked complete.
+
+    One that lacks a part its state file names (a file lost after the save: saves themselves are
+    atomic) is refused, not skipped: resuming an older one, or with a fresh optimizer, would give
+    other weights than the run it continues; the user decides.
+    """
+    found = find_checkpoints(save_dir)
+    if not found:
+        return None
+    path, state = found[-1]
+    missing = missing_parts(path, state)
+    if missing:
+        fallback = f"resume from {found[-2][0].name}" if len(found) > 1 else "start over"
+        raise CheckpointError(f"{path}: incomplete checkpoint: {', '.join(missing)} missing although {STATE_FILE} "
+                              f"lists it; restore it, or remove {path.name} to {fallback}")
+    return path, state
 
 
-def save_checkpoint(
+def complete_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every complete epoch checkpoint, oldest first."""
+    return [(state.epoch, path) for path, state in find_checkpoints(save_dir)
+            if not is_step_checkpoint(path) and not missing_parts(path, state)]
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def write_checkpoint(
     save_dir: str | Path,
-    epoch: int,
-    base_model: nn.Module,
-    model_state: dict[str, torch.Tensor],
-    processor: Any,
-    optimizer_state: dict[str, Any] | None,
+    name: str,
+    rank: int,
     state: TrainState,
+    write_main: Callable[[Path], None],
+    rank_part: dict[str, Any] | None,
 ) -> Path:
-    """Write checkpoint_{epoch} atomically; on any error the previous checkpoints stay as they were."""
+    """Write checkpoint `name` atomically; every rank calls this (it synchronises them).
+
+    Rank 0 runs write_main(directory) (model, processor, optimizer); every rank with a rank_part
+    saves it as rank_{rank}.pt. Only when all ranks report their parts written does rank 0 write
+    the state file, flush everything and rename the directory into place. On any error on any
+    rank, every rank raises CheckpointError and the earlier checkpoints stay as they were.
+    """
     save_dir = Path(save_dir)
-    final = save_dir / f"{PREFIX}{epoch}"
-    tmp = save_dir / f"{TMP_PREFIX}{PREFIX}{epoch}-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        base_model.save_pretrained(tmp / MODEL_DIR, state_dict=model_state)
-        processor.save_pretrained(tmp / MODEL_DIR)
-        if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        # the state file marks completeness, so it is written last
-        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
-        _fsync_tree(tmp)
-        if final.exists():  # saving the same epoch again (e.g. a rerun): swap, then drop the old one
-            old = save_dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e} (earlier checkpoints are intact)") from e
+    final, tmp = save_dir / name, save_dir / f"{TMP_PREFIX}{name}"
+
+    def agree(action: Callable[[], None]) -> None:
+        error = None
+        try:
+            action()
+        except Exception as e:  # any failure must reach the other ranks, or they would wait forever
+            error = e
+        failed = all_reduce_host([float(error is not None)])[0]
+        if failed:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            cause = f"{error}" if error is not None else f"{int(failed)} other rank(s) could not write their part"
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {cause} (earlier checkpoints are intact)") from error
+
+    def start() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+    def parts() -> None:
+        if rank_part is not None:
+            torch.save(rank_part, tmp / rank_file(rank))
+            _fsync_file(tmp / rank_file(rank))  # each rank flushes what it wrote (a shared file system)
+        if rank == 0:
+            write_main(tmp)
+
+    def finish() -> None:
+        if rank == 0:
+            # the state file marks completeness, so it is written last, once every part is there
+            (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
+            _fsync_dir(save_dir)
+
+    agree(start)
+    agree(parts)
+    agree(finish)
     return final
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():  # a directory of that name (e.g. one without a state file): swap, then drop it
+        old = final.with_name(f"{TMP_PREFIX}{final.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _fsync_tree(root: Path) -> None:
     """Flush file contents before the rename makes the checkpoint visible (power loss, not just kill)."""
     for path in root.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(path)
 
 
-def read_state(checkpoint: Path) -> TrainState:
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{checkpoint / STATE_FILE}: unreadable trainer state: {e}") from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small file whole (through a temporary name); on error, nothing is left behind."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def drop(path: Path) -> None:
+    """Delete a checkpoint: renamed out of sight first, so a kill mid-way leaves only a leftover."""
+    old = path.with_name(f"{TMP_PREFIX}{path.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(save_dir: str | Path, landed: Path, keep_last: int) -> list[Path]:
+    """After `landed` is in place: drop the step checkpoints older than it and, with keep_last > 0,
+    the epoch checkpoints beyond the newest keep_last, except the best one (highest accuracy
+    recorded when it was saved, under save_only_improve). Returns what was dropped."""
+    found = find_checkpoints(save_dir)
+    landed_at = next(_progress(f) for f in found if f[0] == landed)
+    dropped = [p for p, s in found if is_step_checkpoint(p) and _progress((p, s)) < landed_at]
+    epochs = [(p, s) for p, s in found if not is_step_checkpoint(p)]
+    if keep_last > 0 and len(epochs) > keep_last:
+        scored = [(s.accuracy, s.epoch, p) for p, s in epochs if s.accuracy is not None]
+        best = max(scored)[2] if scored else None
+        dropped += [p for p, _ in epochs[:-keep_last] if p != best]
+    for path in dropped:
+        drop(path)
+    return dropped
+
+
+def remove_partial(save_dir: str | Path) -> None:
+    """Delete what a killed save or write left under this project's temporary names, nothing else."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return
+    for path in save_dir.iterdir():
+        if _LEFTOVER.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+# --- what resuming mid-epoch needs ---------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states, in types torch.load(weights_only=True) accepts."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(keys), gauss],
+             "numpy": [name, np_keys.tolist(), pos, has_gauss, cached]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(np_keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_tensors(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable {what}: {_reason(e)}") from None
 
 
 def read_optimizer_state(checkpoint: Path) -> dict[str, Any] | None:
     path = checkpoint / OPTIMIZER_FILE
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable optimizer state: {_reason(e)}") from None
+    return _load_tensors(path, "optimizer state") if path.exists() else None
+
+
+def read_rank_part(checkpoint: Path, rank: int) -> dict[str, Any]:
+    return _load_tensors(checkpoint / rank_file(rank), "resume state")
+
+
+# torch.load's weights_only refusal wraps its reason in advice, including turning the protection off
+_ADVICE = ("weights_only", "Weights only", "safe_globals", "trust", "documentation", "file an issue",
+           "two options", "recommended steps", "arbitrary code")
 
 
 def _reason(error: Exception) -> str:
-    """One line. torch.load's weights_only refusal is a page of advice (including turning the
-    protection off); keep what it refused."""
-    text = str(error).strip()
-    refused = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\.\s|\n|$)", text)
-    if refused:
-        return f"weights_only=True refused it: {refused.group(1)}"
-    return text.splitlines()[0] if text else type(error).__name__
+    """One line: the error's own first line, or for a weights_only refusal the reason it gives
+    (e.g. "Trying to load unsupported GLOBAL posix.system ..."), without torch's advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if "Weights only load failed" not in text:
+        return text.splitlines()[0] if text else type(error).__name__
+    sentences = re.split(r"(?<=\.)\s+|\n+", text.replace("WeightsUnpickler error:", "\n"))
+    kept = [s.strip().rstrip(".") for s in sentences if s.strip() and not any(a in s for a in _ADVICE)]
+    return "weights_only=True refused it: " + (kept[0] if kept else "it holds more than tensors")
+
+
+# --- model directories and weight files ----------------------------------------------------------
 
 
 def is_model_dir(path: str | Path) -> bool:

@@ -1,4 +1,5 @@
-"""Process group set-up and FSDP2 sharding for the latent loop (docs/design.md §4)."""
+"""Process group set-up, host-side agreement between ranks, and FSDP2 sharding for the latent loop
+(docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -43,15 +44,24 @@ def init_distributed(timeout_s: int) -> DistInfo:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
+        # numbers the host already has (label counts, stop requests) are summed over gloo on the
+        # CPU: no device-to-host copy, so the GPU queue is never drained for them
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local_rank, device)
 
 
+_HOST_GROUP: dist.ProcessGroup | None = None  # gloo group beside nccl; None: the default group is gloo
+
+
 def shutdown() -> None:
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -64,6 +74,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_host(values: list[float]) -> list[float]:
+    """Sum host numbers over ranks (identity without a process group), without touching the GPU."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_HOST_GROUP)
+    return t.tolist()
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
@@ -86,8 +105,9 @@ def shard(wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.M
     between the forward passes, and reshard_after_backward=False between the backward passes
     (FSDP2 would otherwise free them after each pass's backward and all-gather them again for the
     next: n extra all-gathers per layer per step). release_gathered() frees them before the
-    optimizer updates the shards. Vision layers run once and reshard. Gradients are reduced in
-    fp32 under bf16/fp16 compute.
+    optimizer updates the shards, and after every forward outside a training step (evaluation,
+    generation: no backward ever reshards them there, nor the root). Vision layers run once and
+    reshard. Gradients are reduced in fp32 under bf16/fp16 compute.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -101,8 +121,26 @@ def shard(wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.M
     register_fsdp_forward_method(wrapper, "generate")
 
 
-def release_gathered(decoder_layers: nn.ModuleList) -> None:
-    """Free the decoder layers' gathered parameters; due before each optimizer step, since a
-    layer that is still gathered would not all-gather the updated shards in the next forward."""
-    for layer in decoder_layers:
-        layer.reshard()
+def release_gathered(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP module in `module` (a no-op where none is gathered).
+
+    Due before each optimizer step, since a layer that is still gathered would not all-gather the
+    updated shards in the next forward; and after evaluation, before an optimizer is built or
+    state is gathered for a checkpoint: while a module is gathered, its parameters are plain
+    unsharded tensors, which an optimizer built then would hold instead of the sharded ones.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every tensor the optimizer updates must be a parameter of the model as it stands (sharded
+    under FSDP). Cheap (a set of ids), and it turns a later SIGSEGV or KeyError into this error."""
+    own = {id(p) for p in model.parameters()}
+    foreign = sum(id(p) not in own for group in optimizer.param_groups for p in group["params"])
+    if foreign:
+        raise RuntimeError(f"the optimizer holds {foreign} tensors that are not parameters of the model "
+                           "(built while FSDP had them gathered?)")

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,8 +31,10 @@ from coconut import Coconut
 from dataset import MyCollator, drop_overlong, get_cot_latent_dataset, get_question_latent_dataset, load_records, tokenize_records
 from distributed import (
     DistInfo,
+    all_reduce_host,
     all_reduce_sum,
     barrier,
+    check_optimizer_params,
     init_distributed,
     mixed_precision_dtype,
     release_gathered,
@@ -42,10 +47,14 @@ from model_setup import add_latent_tokens, check_image_size, freeze, load_base_m
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
+from preemption import Preempted, StopRequests, ignore_stop_signals
+from saved_run import SavedRun, write_saved_run
+from schedule import Schedule, steps_per_epoch
 from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 
 
 @dataclasses.dataclass
@@ -63,10 +72,19 @@ class Split:
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Train (or evaluate) as the config says; returns the per-epoch metrics."""
+    """Train (or evaluate) as the config says; returns the per-epoch metrics.
+
+    A stop signal ends it with Preempted (SystemExit, status 75) after a checkpoint, its one line printed.
+    """
     info = init_distributed(config.dist_timeout_s)
     try:
         return Run(config, info).execute()
+    except Preempted as stop:
+        if info.is_main:
+            print(stop.message, file=sys.stderr, flush=True)
+        if info.distributed:  # torchrun's agent stops the ranks still exiting when the first one has: let them finish
+            ignore_stop_signals(info.rank)
+        raise
     finally:
         shutdown()
 
@@ -78,25 +96,49 @@ class Run:
         self.config, self.info = config, info
         self.save_dir = Path(config.save_path) / config.name
         self.writes = not (config.debug or config.only_eval)
-        self.state = ckpt.TrainState(epoch=config.resume)
+        self.state = ckpt.TrainState(epoch=config.resume, first_epoch=config.resume)
         self.resume_from: Path | None = None
+        self.resume_pending = False  # the first epoch of this launch has yet to take the checkpoint's state
+        self.newest: tuple[int, int, Path] | None = None  # epoch, batch and path of the newest checkpoint
         self.metrics: list[dict[str, Any]] = []
         self.unevaluated = False  # the resumed checkpoint's epoch has no metrics line yet
+        self.stop = StopRequests()
+        self.stopping = False  # a stop agreed at an epoch's end: its checkpoint is saved, then the run stops
 
     # --- set-up -------------------------------------------------------------------------------
     def _find_resume(self) -> None:
-        """As the original: an existing checkpoint in save_dir means a preempted run; resume from it."""
+        """As the original: an existing checkpoint in save_dir means a preempted run; resume from it.
+
+        The newest progress wins, epoch or step checkpoint. Its state is checked against this
+        config before anything is written, so a bad checkpoint changes nothing on disk.
+        """
         if not self.writes:
             return
         if self.info.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.save_dir)
         barrier()
-        self.resume_from = ckpt.latest_checkpoint(self.save_dir)
-        if self.resume_from is not None:
-            self.state = ckpt.read_state(self.resume_from)
-            self._print(f"resuming from {self.resume_from} (epoch {self.state.epoch}); the `resume` key is ignored")
+        found = ckpt.newest_checkpoint(self.save_dir)
+        if found is not None:
+            path, state = found
+            self._check_resumable(path, state)
+            self.resume_from, self.state, self.resume_pending = path, state, True
+            self.newest = (state.epoch, state.batch, path)
+            where = f"epoch {state.epoch}" if not state.ranks else (
+                f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
+            self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
             self._restore_metrics()
+        if self.info.is_main:
+            ckpt.write_atomic(self.save_dir / CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
+    def _check_resumable(self, path: Path, state: ckpt.TrainState) -> None:
+        state_file = path / ckpt.STATE_FILE
+        if state.epoch > self.config.num_epochs:
+            raise ckpt.CheckpointError(f"{state_file}: key 'epoch': {state.epoch} is past num_epochs "
+                                       f"({self.config.num_epochs}); raise num_epochs or use another save_path/name")
+        if state.ranks and state.ranks != self.info.world_size:
+            raise ckpt.CheckpointError(f"{path}: a mid-epoch checkpoint of {state.ranks} ranks: resume it with "
+                                       f"{state.ranks} processes, or remove {path.name} to resume from the one before")
 
     def _restore_metrics(self) -> None:
         """Keep metrics.jsonl's lines up to the resumed epoch: later epochs are re-run and re-reported.
@@ -111,9 +153,7 @@ class Run:
         self.unevaluated = self.state.epoch > 0 and all(r["epoch"] != self.state.epoch for r in kept)
         barrier()  # every rank has read the file before rank 0 replaces it
         if self.info.is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+            ckpt.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _model_dir(self) -> str:
         config = self.config
@@ -180,6 +220,12 @@ class Run:
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
+        # stop signals are handled only where a checkpoint can be written
+        with self.stop if self.writes else contextlib.nullcontext():
+            self._execute()
+        return {"epochs": self.metrics, "save_dir": str(self.save_dir)}
+
+    def _execute(self) -> None:
         config = self.config
         set_seed(config.seed)
         self._find_resume()
@@ -198,27 +244,29 @@ class Run:
             stage = config.stage(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "stage": stage}
             if not config.only_eval:
-                optimizer = self._optimizer_for(epoch, optimizer)
+                optimizer = self._optimizer_for(optimizer)
                 record["train_loss"] = self.state.train_loss = self._train_epoch(epoch, stage, optimizer)
-                self.state.epoch = epoch + 1
+                self.state.epoch, self.state.batch = epoch + 1, 0
                 if not config.save_only_improve:
-                    self._save(optimizer)
+                    path = self._save(optimizer, announce=not self.stopping)
+                    if self.stopping:  # agreed at the epoch's end: the rerun starts with this epoch's evaluation
+                        raise Preempted(self._stopped(f"saved {path}"))
             accuracy = self._evaluate(record)
             if config.only_eval:
                 break
             if config.save_only_improve and accuracy > self.state.best_acc:
                 self.state.best_acc = accuracy
-                self._save(optimizer)
+                self._save(optimizer, accuracy)
             self.state.best_acc = max(self.state.best_acc, accuracy)
         if self.logger is not None:
             self.logger.finish()
-        return {"epochs": self.metrics, "save_dir": str(self.save_dir)}
 
     def _evaluate(self, record: dict[str, Any]) -> float:
         """Validation loss and generation accuracy at the record's stage, reported; returns the accuracy."""
         stage = record["stage"]
         record["val_loss"] = self._val_loss(stage)
         result = self._generate(stage)
+        release_gathered(self.model)  # no backward resharded what these forwards gathered
         record.update(accuracy=result.accuracy, cot_match=result.cot_match, written_cot_match=result.written_cot_match,
                       correct=result.correct, total=result.total)
         if self.info.is_main:  # eval-only and debug runs too
@@ -226,84 +274,136 @@ class Run:
         self._report(record, result.examples)
         return result.accuracy
 
-    def _optimizer_for(self, epoch: int, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
-        """A fresh AdamW at the start, and at each new stage with reset_optimizer; resumed state otherwise."""
-        config = self.config
-        new_stage = epoch > 0 and config.stage(epoch) != config.stage(epoch - 1)
-        if optimizer is not None and not (config.reset_optimizer and new_stage):
+    def _optimizer_for(self, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
+        """One AdamW for the whole run, or with reset_optimizer a fresh one at every epoch.
+
+        The original builds its AdamW inside the epoch loop when reset_optimizer is set (its README
+        says "when switching stages"; its code resets every epoch, and the code made the results).
+        A resumed run takes the checkpoint's optimizer state where it has one.
+        """
+        if optimizer is not None and not self.config.reset_optimizer:
             return optimizer
+        release_gathered(self.model)  # the sharded parameters, not gathered copies of them
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.info.device.type == "cuda" and not self.info.distributed  # fused kernels: plain tensors only
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-        resuming_here = self.resume_from is not None and epoch == self.state.epoch and not (config.reset_optimizer and new_stage)
-        if resuming_here:
-            saved = ckpt.read_optimizer_state(self.resume_from) if self.info.is_main else {}
-            if saved is not None:
-                set_optimizer_state_dict(self.model, optimizer, saved, options=self._state_options(load=True))
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay, fused=fused)
+        check_optimizer_params(self.model, optimizer)
+        if self.resume_pending:
+            self._load_optimizer(optimizer)
         return optimizer
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        path, state = self.resume_from, self.state
+        mid_epoch = ckpt.is_step_checkpoint(path)
+        if self.config.reset_optimizer and not mid_epoch:
+            return  # the epoch starts with a fresh AdamW, as every epoch of such a run does
+        if not state.optimizer_saved:  # saved by a reset_optimizer run, resumed without it
+            self._print(f"note: {path} holds no optimizer state (its run reset the optimizer every epoch): "
+                        "a fresh AdamW starts here")
+            return
+        saved = ckpt.read_optimizer_state(path) if self.info.is_main else {}
+        set_optimizer_state_dict(self.model, optimizer, saved, options=self._state_options(load=True))
 
     def _state_options(self, load: bool = False) -> StateDictOptions:
         return StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=load and self.info.distributed)
 
-    def _lr_at(self, step: int, total: int) -> float:
-        """Optional linear warmup and cosine decay; a pure function of the global step, so resume needs no state."""
-        config = self.config
-        warmup = int(config.warmup_ratio * total)
-        if step < warmup:
-            return config.lr * (step + 1) / warmup
-        if config.lr_scheduler == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return config.lr
-
+    # --- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, stage: int, optimizer: torch.optim.Optimizer) -> float:
+        """Train one epoch (the rest of it when resuming mid-epoch); returns its global token-mean loss.
+
+        Micro-batches are taken one optimizer step's window at a time. A single collective per
+        step sums the window's label counts (the loss denominator) and the ranks' stop requests,
+        so every rank stops at the same step boundary.
+        """
         config, info = self.config, self.info
         torch.manual_seed(config.seed + epoch)  # per-epoch streams: a resumed epoch draws the same numbers
         samples = get_cot_latent_dataset(stage, self.train.base, config, self.ids, random.Random(config.seed + epoch))
         dataset = self.train.wrap(samples, config)
         sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
         sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size_training, sampler=sampler, collate_fn=self.collate,
-                            num_workers=config.num_workers, pin_memory=info.device.type == "cuda")
-        accum = config.gradient_accumulation_steps
-        steps_per_epoch = math.ceil(len(loader) / accum)
-        total_steps = steps_per_epoch * config.num_epochs
+        order = list(sampler)  # this rank's samples, in this epoch's order
+        size, accum = config.batch_size_training, config.gradient_accumulation_steps
+        n_batches = math.ceil(len(order) / size)
+        schedule = Schedule(config, self.state.first_epoch, steps_per_epoch(n_batches, accum))
+        mid_epoch = self.resume_pending and ckpt.is_step_checkpoint(self.resume_from)
+        done = self._resume_batch(n_batches) if mid_epoch else 0
+        # a resumed epoch skips what it trained already: those samples are never loaded again
+        loader = DataLoader(dataset, batch_size=size, sampler=order[done * size:], collate_fn=self.collate,
+                            num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals)
+        batches = iter(loader)  # draws the workers' seed: before the RNG states are restored, as in the first run
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # this rank's summed CE, label count
+        if mid_epoch:
+            self._restore_rank_part(loss_sum)
+        self.resume_pending = False
         self.model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
-        window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
+        throughput = _Throughput()
         # closed also when an error unwinds, so that its message starts on a line of its own
-        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
+        with tqdm(total=n_batches, initial=done, desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
                   disable=not info.is_main, dynamic_ncols=True) as bar:
-            for i, batch in enumerate(loader):
-                # counted on the host copy: no device-to-host sync in the step
-                window_tokens += int(batch["attention_mask"].sum())
-                window_samples += batch["input_ids"].shape[0]
-                n_labels = (batch["labels"][:, 1:] != -100).sum().double().to(info.device)
-                batch = to_device(batch, info.device)
-                n_global = all_reduce_sum(n_labels.clone())
-                last_micro = (i + 1) % accum == 0 or i + 1 == len(loader)
+            while True:
+                window = list(itertools.islice(batches, min(accum, n_batches - done)))
+                labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # on the host copy: no sync
+                n_labels, stops = all_reduce_host([labels, float(self.stop.requested)])
+                if stops:
+                    self._stop_in_epoch(optimizer, epoch, done, n_batches, loss_sum)
+                    break
+                if not window:
+                    break
+                ce, out = self._train_window(window, n_labels, throughput)
+                loss_sum[0] += ce
+                loss_sum[1] += labels
                 if info.distributed:
-                    self.model.set_requires_gradient_sync(last_micro)
-                with self.autocast():
-                    # summed CE ÷ (global label count ÷ world): FSDP's gradient average then equals the
-                    # gradient of the global token mean, whatever each rank's token count
-                    out = self.model(**batch, num_items_in_batch=n_global / info.world_size)
-                self.scaler.scale(out.loss / accum).backward()
-                step_loss = out.loss.detach().double() * n_global / info.world_size
-                loss_sum += torch.stack([step_loss, n_labels])
-                if last_micro:
-                    if info.distributed:
-                        release_gathered(self.decoder_layers)
-                    lr = self._optimizer_step(optimizer, total_steps)
-                    if self.state.step % config.log_every == 0:
-                        self._log_step(out, step_loss, n_global, lr, epoch, window_start, window_tokens, window_samples, bar)
-                        window_start, window_tokens, window_samples = time.perf_counter(), 0, 0
-                bar.update(1)
+                    release_gathered(self.decoder_layers)
+                lr = schedule.lr(schedule.position(epoch, done // accum))
+                self._optimizer_step(optimizer, lr)
+                done += len(window)
+                bar.update(len(window))
+                if self.state.step % config.log_every == 0:
+                    self._log_step(out, ce, n_labels, lr, epoch, throughput, bar)
+                # the step that ends an epoch is saved by its epoch checkpoint, unless that waits for evaluation
+                if config.save_every_steps and self.state.step % config.save_every_steps == 0 and (
+                        done < n_batches or config.save_only_improve):
+                    self._save_step(optimizer, epoch, done, loss_sum)
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
-    def _optimizer_step(self, optimizer: torch.optim.Optimizer, total_steps: int) -> float:
-        lr = self._lr_at(self.state.step, total_steps)
+    def _resume_batch(self, n_batches: int) -> int:
+        """Micro-batches of this epoch that the resumed step checkpoint has trained already."""
+        done, accum = self.state.batch, self.config.gradient_accumulation_steps
+        if done > n_batches or (done % accum and done != n_batches):
+            raise ckpt.CheckpointError(f"{self.resume_from / ckpt.STATE_FILE}: key 'batch': {done} is not a step "
+                                       f"boundary of this epoch ({n_batches} micro-batches, accumulation {accum})")
+        return done
+
+    def _restore_rank_part(self, loss_sum: torch.Tensor) -> None:
+        part = ckpt.read_rank_part(self.resume_from, self.info.rank)
+        ckpt.set_rng_state(part["rng"], self.info.device)
+        loss_sum.copy_(part["loss_sum"])
+        self.scaler.load_state_dict(part["scaler"])
+
+    def _train_window(self, window: list[dict[str, Any]], n_labels: float,
+                      throughput: _Throughput) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of one optimizer step's micro-batches; returns this rank's summed CE.
+
+        Each micro-batch's summed CE is divided by (global label count of the whole window ÷ world
+        size): FSDP's gradient average over ranks then equals the gradient of the token mean over
+        all ranks and accumulation steps, whatever each micro-batch's token count.
+        """
+        info = self.info
+        denominator = max(n_labels, 1.0) / info.world_size
+        ce = torch.zeros((), dtype=torch.float64, device=info.device)
+        for j, batch in enumerate(window):
+            throughput.add(batch)
+            if info.distributed:
+                self.model.set_requires_gradient_sync(j == len(window) - 1)
+            with self.autocast():
+                out = self.model(**to_device(batch, info.device), num_items_in_batch=denominator)
+            self.scaler.scale(out.loss).backward()
+            ce += out.loss.detach().double() * denominator
+        return ce, out
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         if self.config.max_grad_norm > 0:
@@ -313,22 +413,89 @@ class Run:
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return lr
 
-    def _log_step(self, out: Any, step_loss: torch.Tensor, n_global: torch.Tensor, lr: float, epoch: int,
-                  window_start: float, tokens: int, samples: int, bar: tqdm) -> None:
-        """Global mean loss of the last micro-batch, throughput, and thought vs token embedding norms."""
-        loss = float(all_reduce_sum(step_loss.clone()) / n_global.clamp(min=1))
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
+    def _log_step(self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: int,
+                  throughput: _Throughput, bar: tqdm) -> None:
+        """Global token-mean loss of the optimizer step, throughput, and thought vs token embedding norms."""
+        loss = float(all_reduce_sum(ce.clone())) / max(n_labels, 1.0)
         world = self.info.world_size
+        tokens_per_s, samples_per_s = throughput.rates()
         entry = {"train/loss": loss, "train/lr": lr, "train/epoch": epoch + 1, "train/step": self.state.step,
-                 "train/tokens_per_s": tokens * world / elapsed, "train/samples_per_s": samples * world / elapsed,
+                 "train/tokens_per_s": tokens_per_s * world, "train/samples_per_s": samples_per_s * world,
                  "train/token_embedding_norm": float(out.token_norm)}
         if out.thought_norm is not None:
             entry["train/thought_norm"] = float(out.thought_norm)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         if self.logger is not None:
             self.logger.log(entry, step=self.state.step)
+
+    # --- stopping -----------------------------------------------------------------------------
+    def _stop_in_epoch(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, n_batches: int,
+                       loss_sum: torch.Tensor) -> None:
+        """A stop agreed at a step boundary: save this point as a step checkpoint, then stop."""
+        if done == n_batches and not self.config.save_only_improve:
+            self.stopping = True  # the epoch checkpoint, saved next, holds this point
+            return
+        if self.newest is not None and self.newest[:2] == (epoch, done):
+            raise Preempted(self._stopped(f"{self.newest[2]} already holds this point"))
+        path = self._save_step(optimizer, epoch, done, loss_sum, announce=False)  # the stop's line says it
+        raise Preempted(self._stopped(f"saved {path}"))
+
+    def _stopped(self, what: str) -> str:
+        by = self.stop.signal_name or "a stop signal to another rank"
+        return (f"stopped by {by} after optimizer step {self.state.step}: {what}; "
+                "run the same command again to resume from it")
+
+    # --- output -------------------------------------------------------------------------------
+    def _save(self, optimizer: torch.optim.Optimizer | None, accuracy: float | None = None,
+              announce: bool = True) -> Path:
+        """checkpoint_{epoch} at an epoch boundary. With reset_optimizer it holds no optimizer state:
+        the next epoch starts a fresh AdamW anyway, and AdamW's state is twice the fp32 weights."""
+        keep_optimizer = optimizer is not None and not self.config.reset_optimizer
+        state = dataclasses.replace(self.state, batch=0, ranks=0, optimizer_saved=keep_optimizer, accuracy=accuracy)
+        return self._write(f"{ckpt.PREFIX}{state.epoch}", state, optimizer if keep_optimizer else None, None,
+                           self.config.stage(state.epoch - 1), announce)
+
+    def _save_step(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, loss_sum: torch.Tensor,
+                   announce: bool = True) -> Path:
+        """step_{S} mid-epoch: also every rank's RNG states, running loss sums and loss scaler."""
+        state = dataclasses.replace(self.state, epoch=epoch, batch=done, ranks=self.info.world_size,
+                                    optimizer_saved=True, accuracy=None)
+        part = {"rng": ckpt.rng_state(self.info.device), "loss_sum": loss_sum.cpu(), "scaler": self.scaler.state_dict()}
+        name = f"{ckpt.STEP_PREFIX}{state.step}"
+        return self._write(name, state, optimizer, part, self.config.stage(epoch), announce)
+
+    def _write(self, name: str, state: ckpt.TrainState, optimizer: torch.optim.Optimizer | None,
+               rank_part: dict[str, Any] | None, stage: int, announce: bool) -> Path:
+        """Gather full weights and optimizer state (every rank takes part); write atomically; prune."""
+        config, info = self.config, self.info
+        if not self.writes:
+            return self.save_dir / name
+        options = self._state_options()
+        release_gathered(self.model)
+        model_state = get_model_state_dict(self.model, options=options)
+        model_state = {k.removeprefix(ckpt.WRAPPER_PREFIX): v for k, v in model_state.items()}
+        optim_state = None
+        if optimizer is not None:
+            check_optimizer_params(self.model, optimizer)
+            optim_state = get_optimizer_state_dict(self.model, optimizer, options=options)
+        ids = {"start": self.ids.start, "latent": self.ids.latent, "end": self.ids.end}
+
+        def write_main(directory: Path) -> None:
+            model_dir = directory / ckpt.MODEL_DIR
+            self.base.save_pretrained(model_dir, state_dict=model_state)
+            self.processor.save_pretrained(model_dir)
+            write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids))
+            if optim_state is not None:
+                torch.save(optim_state, directory / ckpt.OPTIMIZER_FILE)
+
+        path = ckpt.write_checkpoint(self.save_dir, name, info.rank, state, write_main, rank_part)
+        self.newest = (state.epoch, state.batch, path)
+        if info.is_main:
+            ckpt.prune(self.save_dir, path, config.save_total_limit)
+            if announce:
+                self._print(f"saved {path}")
+        return path
 
     def _val_loss(self, stage: int) -> float:
         config = self.config
@@ -342,21 +509,6 @@ class Run:
         return generation_accuracy(self.model, self.val.wrap(questions, config), self.collate, self.val.records,
                                    self.tokenizer, self.info, config, stage, self.autocast)
 
-    # --- output -------------------------------------------------------------------------------
-    def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Gather full weights and optimizer state (every rank takes part), rank 0 writes."""
-        if not self.writes:
-            return
-        options = self._state_options()
-        model_state = get_model_state_dict(self.model, options=options)
-        model_state = {k.removeprefix(ckpt.WRAPPER_PREFIX): v for k, v in model_state.items()}
-        optim_state = get_optimizer_state_dict(self.model, optimizer, options=options) if optimizer else None
-        if self.info.is_main:
-            path = ckpt.save_checkpoint(self.save_dir, self.state.epoch, self.base, model_state, self.processor,
-                                        optim_state, self.state)
-            self._print(f"saved {path}")
-        barrier()
-
     def _report(self, record: dict[str, Any], examples: list[dict[str, str]]) -> None:
         self.metrics.append(record)
         if not self.info.is_main:
@@ -368,12 +520,34 @@ class Run:
         if self.logger is not None:
             self.logger.log({f"eval/{k}": v for k, v in record.items()}, step=self.state.step)
         if self.writes:
-            with open(self.save_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.save_dir / METRICS_FILE
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise ckpt.CheckpointError(f"could not write {path}: {e.strerror or e}") from None
 
     def _print(self, text: str) -> None:
         if self.info.is_main:
             tqdm.write(text)
+
+
+class _Throughput:
+    """Tokens and samples since the last logged step, counted on the host copies of the batches."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += batch["input_ids"].shape[0]
+
+    def rates(self) -> tuple[float, float]:
+        """(tokens/s, samples/s) of this rank since the last call."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rates = self.tokens / elapsed, self.samples / elapsed
+        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
+        return rates
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

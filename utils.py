@@ -93,6 +93,9 @@ class Config:
     max_new_tokens: int = 64
     decode_cuda_graph: bool = False
     num_workers: int = 1
+    # --- checkpoints -----------------------------------------------------------------------
+    save_every_steps: int = 0  # resumable mid-epoch checkpoints every N optimizer steps; 0: off
+    save_total_limit: int = 0  # keep the newest N epoch checkpoints (+ the best); 0: keep all
     # --- logging and distributed -----------------------------------------------------------
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     log_every: int = 1
@@ -130,7 +133,7 @@ class Config:
 _POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
              "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
              "video_tiles", "num_frames", "log_every", "dist_timeout_s", "latent_column_multiple")
-_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers")
+_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "save_every_steps", "save_total_limit")
 _HINTS = typing.get_type_hints(Config)
 # Every float key must be a finite number >= 0: `lr: .inf` trained to NaN weights, and `max_grad_norm: .nan`
 # switched clipping off (NaN compares false with everything, so no range check catches it).

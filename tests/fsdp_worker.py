@@ -1,12 +1,16 @@
-"""Run under torchrun (2 ranks, gloo) with one argument; rank 0 prints one JSON line.
-
-Both checks shard a tiny Qwen2 Coconut as the trainer does (distributed.shard):
+"""Run under torchrun (2 ranks, gloo) with check names as arguments; rank 0 prints one JSON line,
+{check: result}. The checks run in the order given, on one tiny Qwen2 Coconut sharded as the
+trainer shards it (distributed.shard):
 
 - `collectives`: the all-gathers and reduce-scatters of one forward + backward + release_gathered
   (after a warm-up step), per latent count: {latents: {collective: calls}}.
 - `compiled`: loss and gradients of one step with compile_latent_passes="default" against the
   same step eager: {"graphs": compiled graphs, "loss": [eager, compiled], "max_grad_diff": ...,
   "max_grad": ...}.
+- `fresh_optimizer`: an optimizer built after an evaluation forward (what reset_optimizer does at
+  a new epoch): {"plain_after_eval": parameters left gathered (plain tensors), "stale_refused":
+  check_optimizer_params refused one built then, "fresh_state_entries": state entries of one built
+  after release_gathered and stepped, "trainable": trainable parameters}.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.distributed as dist
 
 from coconut import Coconut
 from dataset import MyCollator
-from distributed import release_gathered, shard
+from distributed import check_optimizer_params, release_gathered, shard
 from tests.test_coconut_text import END, EOS, LATENT, PAD, START, sample, tiny_lm
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
@@ -85,13 +89,43 @@ def compiled(coconut: Coconut) -> dict[str, Any]:
     }
 
 
-def main(check: str) -> None:
+def fresh_optimizer(coconut: Coconut) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    batch = batch_with(2)
+    step(coconut, batch)
+    coconut.zero_grad(set_to_none=True)
+    with torch.no_grad():  # evaluation: no backward reshards what the forward gathered
+        coconut(**batch)
+    plain = sum(not isinstance(p, DTensor) for p in coconut.parameters())
+    trainable = [p for p in coconut.parameters() if p.requires_grad]
+    stale = torch.optim.AdamW(trainable)
+    release_gathered(coconut)
+    try:
+        check_optimizer_params(coconut, stale)
+        refused = False
+    except RuntimeError:
+        refused = True
+    # (stepping `stale`, or gathering its state, which steps it once, ends in SIGSEGV: its tensors were freed)
+    fresh = torch.optim.AdamW([p for p in coconut.parameters() if p.requires_grad])
+    check_optimizer_params(coconut, fresh)
+    step(coconut, batch)
+    fresh.step()
+    fresh.zero_grad(set_to_none=True)
+    state = get_optimizer_state_dict(coconut, fresh, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"plain_after_eval": plain, "stale_refused": refused, "fresh_state_entries": len(state.get("state", {})),
+            "trainable": len(trainable)}  # (the full state is gathered on rank 0, which reports)
+
+
+def main(checks: list[str]) -> None:
     dist.init_process_group("gloo")
     model = tiny_lm(seed=0).train()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     shard(coconut, model.model.layers, None, None)
     coconut.synced_gpus = True
-    result = {"collectives": collectives, "compiled": compiled}[check](coconut)
+    run = {"collectives": collectives, "compiled": compiled, "fresh_optimizer": fresh_optimizer}
+    result = {check: run[check](coconut) for check in checks}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     # Drop FSDP's state (and the collective handles it keeps) while the process group is alive:
@@ -104,4 +138,4 @@ def main(check: str) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import run
@@ -24,6 +25,7 @@ def torchrun(config, nproc: int, timeout: int = 300) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
     keys = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=2, lr=1e-3)
     one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
@@ -46,33 +48,49 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
-def fsdp_worker(check: str) -> dict:
-    """tests/fsdp_worker.py under a 2-rank torchrun; its JSON result."""
+@pytest.fixture(scope="module")
+def worker() -> dict:
+    """tests/fsdp_worker.py's checks in one 2-rank torchrun; their JSON results by check."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.fsdp_worker", check],
+         "-m", "tests.fsdp_worker", "collectives", "fresh_optimizer", "compiled"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents():
+@pytest.mark.slow
+def test_fsdp_gathers_each_decoder_layer_once_per_step_whatever_the_latents(worker):
     """The n+1 latent passes run forward and backward without re-gathering the decoder layers."""
-    calls = fsdp_worker("collectives")
+    calls = worker["collectives"]
     assert calls["0"] == calls["2"] == calls["5"], calls
     gathers = sum(v for k, v in calls["5"].items() if "all_gather" in k)
     assert gathers == 2 + 1  # two decoder layers and the root, once each
 
 
-def test_compiled_latent_passes_under_fsdp_equal_eager():
-    result = fsdp_worker("compiled")
+@pytest.mark.slow
+def test_an_optimizer_built_after_evaluation_holds_the_sharded_parameters(worker):
+    """After an evaluation forward the decoder layers (reshard_after_forward=False) and the root stay
+    gathered, their parameters swapped for plain tensors: an AdamW built then (reset_optimizer at a
+    new epoch) crashed its next step and its state could not be saved. The check refuses such an
+    optimizer; after release_gathered a fresh one is the sharded model's, steps and saves."""
+    result = worker["fresh_optimizer"]
+    assert result["plain_after_eval"] > 0, result
+    assert result["stale_refused"], result
+    assert result["fresh_state_entries"] == result["trainable"] > 0, result
+
+
+@pytest.mark.slow
+def test_compiled_latent_passes_under_fsdp_equal_eager(worker):
+    result = worker["compiled"]
     assert result["graphs"] >= 1, result  # the passes did run compiled
     eager, compiled = result["loss"]
     assert abs(compiled - eager) <= 1e-5 * abs(eager), result
     assert result["max_grad_diff"] <= 1e-4 * result["max_grad"] + 1e-6, result
 
 
+@pytest.mark.slow
 def test_cuda_graph_compile_is_refused_under_torchrun(tmp_path, tiny_model_dir):
     config = demo_config(tmp_path, tiny_model_dir, name="graphs", num_epochs=1, compile_latent_passes="reduce-overhead")
     result = torchrun(config, nproc=2)
