@@ -67,7 +67,11 @@ def assert_same_run(save_dir: Path, straight: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(straight)  # every epoch's line once, train_loss of resumed epochs included
     assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1", "checkpoint_2", "checkpoint_3",
-                                                        "config.yaml", "metrics.jsonl"]
+                                                        "config.yaml", "metrics.jsonl", "predictions"]
+    predictions = sorted(p.name for p in (straight / "predictions").iterdir())
+    assert sorted(p.name for p in (save_dir / "predictions").iterdir()) == predictions
+    for name in predictions:  # every evaluation's answers, as the uninterrupted run gave them
+        assert (save_dir / "predictions" / name).read_text() == (straight / "predictions" / name).read_text(), name
 
 
 def stop_at(step: int, sig: signal.Signals) -> Callable:
@@ -113,7 +117,7 @@ def test_a_stop_signal_saves_a_step_checkpoint_and_the_rerun_equals_the_uninterr
                     "run the same command again to resume from it")
     # the step checkpoint replaced the older one; epoch checkpoints stay
     epochs_done = step // STEPS_PER_EPOCH
-    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == (
+    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p.name != "predictions") == (
         [f"checkpoint_{e}" for e in range(1, epochs_done + 1)] + [f"step_{step}"])
     state = json.loads((save_dir / f"step_{step}" / ckpt.STATE_FILE).read_text())
     assert (state["epoch"], state["batch"], state["step"]) == (epochs_done, 2 * (step % STEPS_PER_EPOCH), step)
@@ -416,7 +420,7 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
                      "run the same command again to resume from it"], result.stderr[-3000:]
     assert result.stderr.count("exitcode  : 75") == 2, result.stderr[-3000:]  # torchrun's report of each rank
     assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]
-    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir()) == ["step_3"]
+    assert sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p.name != "predictions") == ["step_3"]
     assert {p.name for p in (save_dir / "step_3").glob("rank_*.pt")} == {"rank_0.pt", "rank_1.pt"}
 
     result = torchrun(config, FAULT="8:1:exit")
