@@ -230,9 +230,13 @@ class Coconut(nn.Module):
         end_latent_id: int,
         eos_token_id: int,
         pad_token_id: int | None = None,
+        feed_thoughts: bool = True,
     ) -> None:
         super().__init__()
         self.base_causallm = base_causallm
+        # False: pause as thought. <|latent|> tokens stay ordinary input tokens and one pass runs the
+        # plain causal LM over the whole sequence, as the original runs it without the Coconut wrapper.
+        self.feed_thoughts = feed_thoughts
         self.latent_token_id = latent_token_id
         self.start_latent_id = start_latent_id
         self.end_latent_id = end_latent_id
@@ -253,6 +257,8 @@ class Coconut(nn.Module):
         is_latent = input_ids == self.latent_token_id
         counts = is_latent.sum(1)
         length = input_ids.shape[1]
+        if not self.feed_thoughts:
+            return _Layout(column=length, n_passes=0, counts=torch.zeros_like(counts))
         has = counts > 0
         first = torch.where(has, is_latent.int().argmax(1), torch.full_like(counts, length))
         column = first.min()

@@ -157,7 +157,7 @@ def batch_predictions(
             "correct": answer == gold,
             "cot_match": original_cot(text) == gold_cot(record),
             "written_cot_match": written_cot(output) == written_cot_gold(record, stage, config),
-            "latents": n_thoughts,
+            "latents": prompt.count(model.latent_token_id),  # pause as thought: latents, but no thoughts
             "thoughts": [
                 [{"token": tokenizer.decode([i]), "id": i, "p": p} for i, p in zip(top_ids[row][t], top_probs[row][t])]
                 for t in range(n_thoughts)

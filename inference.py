@@ -79,7 +79,8 @@ class Inference:
             raise CheckpointError(f"{model_dir / SAVED_RUN_FILE}: latent token ids {wrong} do not match the tokenizer")
         base = load_base_model(model_dir, config.multimodal, config.trust_remote_code)
         ids = run.latent_token_ids
-        model = Coconut(base, ids["latent"], ids["start"], ids["end"], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        model = Coconut(base, ids["latent"], ids["start"], ids["end"], tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        feed_thoughts=run.config.feeds_thoughts)
         return cls(model.to(device).eval(), processor, run, run.stage if stage is None else stage, device)
 
     def ask(self, question: str, images: Sequence[str | Path] = (), video: str | Path | None = None,

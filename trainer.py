@@ -190,7 +190,7 @@ class Run:
             enable_latent_checkpointing(decoder_layers)
         self.base, self.decoder_layers = base, decoder_layers
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
-                        self.tokenizer.pad_token_id).to(info.device)
+                        self.tokenizer.pad_token_id, feed_thoughts=config.feeds_thoughts).to(info.device)
         model.compile_latent_passes = config.compile_latent_passes
         model.decode_cuda_graph = config.decode_cuda_graph
         dtype = mixed_precision_dtype(config.bf16, config.fp16)

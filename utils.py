@@ -109,12 +109,23 @@ class Config:
 
     @property
     def method(self) -> str:
-        """The training method; Coconut unless another one is switched on."""
-        return next((k for k in METHOD_KEYS[1:] if getattr(self, k)), "coconut")
+        """The method key that is on, or "pause" with all four off.
+
+        "pause" is the paper's pause-as-thought baseline, as the original's run.py runs it with every
+        method key false: the plain causal LM (no latent feedback) on the Coconut curriculum's sequences,
+        whose <|latent|> tokens stay ordinary input tokens.
+        """
+        return next((k for k in METHOD_KEYS if getattr(self, k)), "pause")
 
     @property
     def uses_markers(self) -> bool:
-        """Latent markers exist only for coconut (the original omits them for cot/no_cot/no_thoughts)."""
+        """<|start-latent|> / <|end-latent|> exist for coconut and pause (the original's no_special_marker
+        is cot or no_cot or no_thoughts)."""
+        return self.method in ("coconut", "pause")
+
+    @property
+    def feeds_thoughts(self) -> bool:
+        """Only coconut feeds last hidden states back as the latents' input embeddings."""
         return self.method == "coconut"
 
     @property
