@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -77,8 +78,9 @@ def run(config: Config) -> dict[str, Any]:
     A stop signal ends it with Preempted (SystemExit, status 75) after a checkpoint, its one line printed.
     """
     info = init_distributed(config.dist_timeout_s)
+    runner = Run(config, info)
     try:
-        return Run(config, info).execute()
+        return runner.execute()
     except Preempted as stop:
         if info.is_main:
             print(stop.message, file=sys.stderr, flush=True)
@@ -86,6 +88,7 @@ def run(config: Config) -> dict[str, Any]:
             ignore_stop_signals(info.rank)
         raise
     finally:
+        runner.close()
         shutdown()
 
 
@@ -104,6 +107,16 @@ class Run:
         self.unevaluated = False  # the resumed checkpoint's epoch has no metrics line yet
         self.stop = StopRequests()
         self.stopping = False  # a stop agreed at an epoch's end: its checkpoint is saved, then the run stops
+
+    def close(self) -> None:
+        """Drop the model (and all else) before the process group goes.
+
+        FSDP's state holds the group's collectives; freed only at interpreter exit, after the group,
+        gloo could abort a process whose run was complete ("terminate called without an active
+        exception"). A traceback keeps this object alive, so its state is dropped explicitly, whole.
+        """
+        self.__dict__.clear()
+        gc.collect()
 
     # --- set-up -------------------------------------------------------------------------------
     def _find_resume(self) -> None:
