@@ -106,6 +106,15 @@ def test_demo_set_is_built_deterministically_and_holds_the_committed_sample(tmp_
     assert f"{text_only_accuracy(train, val):.3f}" == BASELINE
 
 
+def test_a_bad_override_is_refused_before_anything_is_built(tmp_path):
+    result = run_demo(tmp_path, "lr=fast", timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {os.path.relpath(REPO / 'args' / 'demo.yaml', tmp_path)}: override 'lr=fast': "
+        "key 'lr': expected a number, got 'fast'"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_demo_command_in_a_fresh_directory_then_rerun(tmp_path):
     """Two epochs (stage 0, then 1) instead of nine: the printed lines, not the learning, are checked here."""
