@@ -7,7 +7,7 @@ It runs what a user would type, in one process, and prints each command before i
    and prints the text-only baseline: the val accuracy of the best guess from the question text alone;
 2. python run.py args/demo.yaml: builds the tiny model on first use, trains and evaluates every epoch;
 3. prints the final val accuracy beside that baseline;
-4. python run.py --infer on the newest checkpoint, for the first "what color" question of val: the
+4. python run.py --infer on the last epoch's checkpoint, for the first "what color" question of val: the
    decoded continuous thoughts and the answer (and the record's gold answer).
 Re-running resumes as run.py does, so a finished demo goes straight to 3 and 4; delete checkpoints/demo
 (or set name=...) to train again.
@@ -65,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
 
-    from checkpoint import latest_checkpoint  # torch is loaded by now
-    from trainer import METRICS_FILE, read_metrics
+    from trainer import METRICS_FILE, read_metrics  # loaded by now
 
     save_dir = Path(config.save_path) / config.name
-    history, checkpoint = read_metrics(save_dir / METRICS_FILE), latest_checkpoint(save_dir)
-    if not history or checkpoint is None:  # eval-only or debug overrides write neither
-        print(f"demo: {save_dir} holds no metrics or no checkpoint; nothing to compare or ask")
+    history = read_metrics(save_dir / METRICS_FILE)
+    if not history:  # eval-only and debug overrides write none
+        print(f"demo: {save_dir} holds no metrics; nothing to compare or ask")
         return 0
     last = history[-1]
     print(f"demo: val accuracy {last['accuracy']:.3f} after epoch {last['epoch']} (stage {last['stage']}); "
           f"text-only baseline {baseline:.3f}")
+    checkpoint = save_dir / f"checkpoint_{last['epoch']}"  # the model that scored it
+    if not checkpoint.is_dir():  # overrides such as save_only_improve may not keep it
+        print(f"demo: no {checkpoint} to ask")
+        return 0
     record = next((r for r in val if r["question"].startswith(EXAMPLE_PREFIX)), val[0])
     image = Path(config.image_dir) / record["image"]
     args = ["--infer", str(checkpoint), "--image", str(image), "--question", record["question"], "--top-k", "3"]
