@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -116,6 +116,30 @@ def reasoning_steps(query: Query, fact: Mapping[str, str]) -> list[str]:
         present = fact[query.asks] == value
         steps.append(f"So there is a {thing}." if present else f"So there is no {thing}.")
     return steps
+
+
+def question_type(question: str) -> str:
+    """"color", "shape" or "yes/no": the answer vocabulary a question draws from."""
+    query = parse_question(question)
+    return "yes/no" if query.yes_no else query.asks
+
+
+def text_only_accuracy(train: Sequence[Mapping[str, str]], val: Sequence[Mapping[str, str]]) -> float:
+    """The bar a model must clear to show it reads the image: val accuracy of the best guess from the
+    question text alone, each question text's most frequent train answer (for a text train never has,
+    its question type's). easy-vqa's questions come from a few templates, so a model that ignores
+    the pixels can reach this, and no more, by learning the answer prior of each question."""
+    by_text: dict[str, Counter[str]] = defaultdict(Counter)
+    by_type: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in train:
+        by_text[r["question"]][r["answer"]] += 1
+        by_type[question_type(r["question"])][r["answer"]] += 1
+
+    def guess(question: str) -> str:
+        counts = by_text.get(question) or by_type[question_type(question)]
+        return counts.most_common(1)[0][0]  # ties: the answer met first in train
+
+    return sum(guess(r["question"]) == r["answer"] for r in val) / len(val)
 
 
 @dataclasses.dataclass(frozen=True)

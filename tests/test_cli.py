@@ -82,7 +82,7 @@ def test_overrides_are_read_as_yaml_and_win_over_the_file(tmp_path):
     assert loaded.lr == 1e-4 and loaded.num_epochs == 3 and loaded.name == "exp/b" and loaded.bf16 is True
     assert loaded.max_length is None and loaded.prompt_format == "internvl2_5"
     assert loaded.max_grad_norm == 1.0 and isinstance(loaded.max_grad_norm, float)
-    assert loaded.seed == 0 and loaded.batch_size_training == 4  # untouched keys keep the file's values
+    assert loaded.seed == 0 and loaded.batch_size_training == 8  # untouched keys keep the file's values
     # an override can supply what the file lacks; checks across keys see the result
     raw = yaml.safe_load(config.read_text())
     del raw["val_path"]
