@@ -17,6 +17,7 @@ peft is imported only here, and only when LoRA is on: it is an optional dependen
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -227,7 +228,10 @@ def merge_adapter(model: nn.Module, model_dir: str | Path) -> nn.Module:
     """The plain model with model_dir's adapters added into its weights, by peft's own merge (what --export
     writes, and what another run starting from a LoRA checkpoint trains on)."""
     peft = _peft()
-    merged = peft.PeftModel.from_pretrained(model, str(Path(model_dir) / ADAPTER_DIR)).merge_and_unload()
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 for its deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        adapted = peft.PeftModel.from_pretrained(model, str(Path(model_dir) / ADAPTER_DIR))
+    merged = adapted.merge_and_unload()
     if hasattr(merged, "peft_config"):  # unloaded: nothing of peft is left to describe
         del merged.peft_config
     return merged

@@ -229,3 +229,106 @@ def test_without_peft_a_lora_key_is_refused_in_one_line(tmp_path, tiny_model_dir
     model, _, ids, config = _model(tiny_model_dir, use_llm_lora=4)
     with pytest.raises(ModelSetupError, match="needs peft, which is not installed: pip install peft"):
         apply_lora(model, config, ids)
+
+
+# --- through the CLI ------------------------------------------------------------------------------
+
+RUN_KEYS = dict(use_llm_lora=4, use_backbone_lora=2, activation_checkpointing=True, epochs_per_stage=1,
+                max_latent_stage=2, lr=1e-2)
+
+
+def _adapter(checkpoint) -> dict:
+    return load_file(checkpoint / "model" / "adapter" / "adapter_model.safetensors")
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+
+
+@pytest.mark.slow
+def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports_a_plain_model(tmp_path,
+                                                                                                tiny_model_dir):
+    """Dropout 0.05 (InternVL's) and activation checkpointing on. A run stopped after epoch 1 and resumed
+    ends with the same plain weights and adapters, tensor for tensor, as a run never stopped; the frozen
+    weights stay those of the model it started from; --infer answers as the run's evaluation did; the
+    checkpoint is peft's standard layout (PeftModel.from_pretrained on model/ and model/adapter) and
+    --export writes that model merged, which loads without peft."""
+    straight = demo_config(tmp_path, tiny_model_dir, name="straight", num_epochs=2, **RUN_KEYS)
+    assert run.main([str(straight)]) == 0
+    split = demo_config(tmp_path, tiny_model_dir, name="split", num_epochs=1, **RUN_KEYS)
+    assert run.main([str(split)]) == 0
+    raw = yaml.safe_load(split.read_text())
+    split.write_text(yaml.safe_dump({**raw, "num_epochs": 2}))
+    assert run.main([str(split)]) == 0
+    checkpoint = tmp_path / "checkpoints" / "straight" / "checkpoint_2"
+    for part in (weights, _adapter):
+        a, b = part(checkpoint), part(tmp_path / "checkpoints" / "split" / "checkpoint_2")
+        assert a.keys() == b.keys() and len(a) > 0
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    trained, start = (AutoModelForImageTextToText.from_pretrained(d).state_dict()
+                      for d in (checkpoint / "model", tiny_model_dir))
+    frozen = [k for k in start if k.startswith(("model.language_model.layers.", "model.vision_tower.encoder."))]
+    assert len(frozen) > 30 and all(torch.equal(trained[k], start[k]) for k in frozen)
+    assert not torch.equal(trained["model.multi_modal_projector.linear_1.weight"],
+                           start["model.multi_modal_projector.linear_1.weight"])  # no adapters there: it trains
+
+    predictions = tmp_path / "infer.jsonl"
+    answered = subprocess.run([sys.executable, "run.py", "--infer", str(checkpoint), "--data", str(REPO / "data/demo/val.json"),
+                               "--image-dir", str(REPO / "data/demo/images"), "--output", str(predictions)],
+                              cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    evaluated = (tmp_path / "checkpoints" / "straight" / "predictions" / "epoch_2.jsonl").read_text().splitlines()
+    assert [json.loads(line)["output"] for line in predictions.read_text().splitlines()] == [
+        json.loads(line)["output"] for line in evaluated]
+
+    from peft import PeftModel
+
+    processor = AutoProcessor.from_pretrained(checkpoint / "model")
+    ids = add_latent_tokens(processor.tokenizer)
+    base = AutoModelForImageTextToText.from_pretrained(checkpoint / "model", dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(checkpoint / "model" / "adapter")).eval()
+    batch = batch_of(processor, ids)
+    expected = _logits(adapted, batch)
+    out = tmp_path / "export"
+    assert run.main(["--export", str(checkpoint), str(out), "--dtype", "fp32"]) == 0
+    assert not (out / "adapter").exists()
+    script = ("import sys, torch; sys.modules['peft'] = None\n"  # the export must load without peft
+              "from transformers import AutoModelForImageTextToText\n"
+              f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
+              f"from safetensors.torch import save_file; save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    for k, v in load_file(tmp_path / "loaded.safetensors").items():
+        assert torch.equal(plain.state_dict()[k], v), k
+    torch.testing.assert_close(_logits(plain, batch), expected, rtol=1e-5, atol=1e-5)
+    assert metrics(tmp_path / "checkpoints" / "straight")[-1]["stage"] == 1
+
+
+@pytest.mark.slow
+def test_lora_on_two_fsdp_ranks_matches_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
+    """FSDP2 (gloo, CPU) shards the adapted decoder and vision layers and the new rows: 2 ranks × batch 4
+    give the losses, plain weights and adapters of 1 process × batch 8 (dropout 0: ranks draw other masks)."""
+    keys = dict(RUN_KEYS, num_epochs=2, lr=1e-3, lora_dropout=0.0)
+    one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
+    two = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=4, **keys)
+    assert run.main([str(one)]) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(REPO / "run.py"), str(two)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for ma, mb in zip(metrics(tmp_path / "checkpoints" / "one"), metrics(tmp_path / "checkpoints" / "two"),
+                      strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert abs(ma[key] - mb[key]) <= 1e-5 * abs(ma[key]), (key, ma, mb)
+    for part in (weights, _adapter):
+        a, b = (part(tmp_path / "checkpoints" / name / "checkpoint_2") for name in ("one", "two"))
+        assert a.keys() == b.keys()
+        for k in a:
+            if not k.endswith("k_proj.bias"):  # zero true gradient: rounding noise under Adam (test_distributed)
+                torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
