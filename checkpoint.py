@@ -435,7 +435,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     coconut = any(k.startswith(WRAPPER_PREFIX) for k in state)
     state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
     own = model.state_dict()
-    embedding = next(k for k, v in model.state_dict(keep_vars=True).items() if v is model.get_input_embeddings().weight)
+    matrix = model.get_input_embeddings().weight
+    embedding = next(k for k, v in model.state_dict(keep_vars=True).items() if v is matrix)
     rows = state.get(embedding)
     if rows is not None and rows.dim() == 2 and rows.shape[1] == own[embedding].shape[1]:
         grow_embeddings(model, rows.shape[0])

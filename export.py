@@ -6,8 +6,9 @@ keeps what the run trained on: the chat template renders exactly the training pr
 (multimodal/prompts.py), the image processor tiles to the run's max_tiles and image_size, the
 weights default to the training precision, and coconut_config.yaml travels along, so
 `run.py --infer` works on the export. A LoRA run's adapters are merged into the weights (peft's
-merge; the export loads without peft), and its record then says use_llm_lora / use_backbone_lora 0. Latent decoding needs `run.py --infer` or Coconut.generate;
-the export's README.md says what plain servers do instead.
+merge; the export loads without peft), and its record then says use_llm_lora / use_backbone_lora 0.
+Latent decoding needs `run.py --infer` or Coconut.generate; the export's README.md says what plain
+servers do instead.
 
 The directory is written under a hidden temporary name and renamed into place when complete, so a
 kill at any moment never leaves a directory at the export's path.

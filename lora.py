@@ -20,7 +20,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,8 @@ class TrainableRows(nn.Module):
     def __init__(self, layer: nn.Module, ids: list[int], rows: nn.Parameter | None = None) -> None:
         super().__init__()
         if type(layer) not in (nn.Embedding, nn.Linear):
-            raise ModelSetupError(f"trainable latent rows: expected nn.Embedding or nn.Linear, got {type(layer).__name__}")
+            raise ModelSetupError(f"trainable latent rows: expected nn.Embedding or nn.Linear, "
+                                  f"got {type(layer).__name__}")
         self.is_embedding = isinstance(layer, nn.Embedding)
         self.padding_idx = layer.padding_idx if self.is_embedding else None
         self.weight = layer.weight  # frozen
@@ -156,7 +156,8 @@ def has_adapter(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
-def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                          dict[str, torch.Tensor]]:
     """A full state dict of `model` (names as in model.state_dict()) as (the plain model's weights, in
     from_pretrained's layout with trained rows written in; the adapters, in peft's file layout).
 

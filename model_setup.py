@@ -70,8 +70,9 @@ def init_latent_rows(model: nn.Module, tokenizer: Any, ids: LatentIds) -> None:
     grow_embeddings(model, len(tokenizer))
     source = tokenizer.encode(INIT_FROM, add_special_tokens=False)[0]
     rows = [ids.start, ids.latent, ids.end]
+    matrices = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
     with torch.no_grad():
-        for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
+        for weight in {id(w): w for w in matrices}.values():  # a tied head once
             weight[rows] = weight[source].clone()
 
 

@@ -37,7 +37,8 @@ def _model(model_dir: Path) -> torch.nn.Module:
 
 
 def _matrices(model) -> dict[str, torch.Tensor]:
-    return {"embeddings": model.get_input_embeddings().weight.detach(), "head": model.get_output_embeddings().weight.detach()}
+    return {"embeddings": model.get_input_embeddings().weight.detach(),
+            "head": model.get_output_embeddings().weight.detach()}
 
 
 def _ids(model_dir: Path) -> tuple[list[int], int]:

@@ -25,6 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import run
 import utils
 from coconut import Coconut
+from dataset import LatentIds
 from errors import ModelSetupError
 from latent_checkpoint import enable_latent_checkpointing
 from lora import apply_lora
@@ -34,7 +35,8 @@ from multimodal.dataset_mm import ImageTokens
 from tests.latent_reference import reference_forward
 from tests.run_helpers import REPO, demo_config, metrics, mm_config, subprocess_env, weights
 from tests.test_coconut_mm import as_inputs, mixed
-from tests.test_coconut_text import assert_close_grads, grads
+from tests.test_coconut_text import (END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch,
+                                     tiny_lm)
 from utils import ConfigError, config_from_dict
 
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)
@@ -83,7 +85,8 @@ def merged_by_hand(tiny_model_dir, lora: torch.nn.Module, ids) -> torch.nn.Modul
 
 def batch_of(processor, ids) -> dict:
     tok = processor.tokenizer
-    return as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, ImageTokens.from_processor(processor))))
+    samples = mixed(tok, ids, ImageTokens.from_processor(processor))
+    return as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(samples))
 
 
 def coconut(model, processor, ids) -> Coconut:
@@ -134,6 +137,36 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
     assert any(".lora_B." in n for n in got) and any(n.endswith(".rows") for n in got)
     assert any("vision_tower" in n and "lora_A" in n for n in got)  # the backbone's adapters learn through the loop
     assert_close_grads(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_text_only_lm_gets_the_same_adapters_and_rows(tied):
+    """A text-only causal LM (tiny Qwen2): its decoder is the language model; with tied embeddings the head
+    shares the embedding's rows as it shares its matrix. Coconut on it equals the from-scratch reference."""
+    model = tiny_lm()
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    config = config_from_dict({"model_id": "m", "train_path": "t", "val_path": "v", **LORA, "use_backbone_lora": 0})
+    apply_lora(model, config, LatentIds(START, LATENT, END))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith(".rows"):
+                p.add_(0.2 * torch.randn_like(p))
+    assert (model.lm_head.rows is model.model.embed_tokens.rows) is tied
+    batch = {k: v for k, v in mixed_batch().items() if k != "idx"}
+    out = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)(**batch)
+    out.loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    ref_loss, _ = reference_forward(model, LATENT, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                    batch["labels"])
+    ref_loss.backward()
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(got, grads(model))
+    assert {n for n in got if not n.startswith("model.layers.")} == (
+        {"model.embed_tokens.rows"} if tied else {"model.embed_tokens.rows", "lm_head.rows"})
 
 
 def _trainable(model) -> set[str]:
@@ -277,8 +310,9 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
                            start["model.multi_modal_projector.linear_1.weight"])  # no adapters there: it trains
 
     predictions = tmp_path / "infer.jsonl"
-    answered = subprocess.run([sys.executable, "run.py", "--infer", str(checkpoint), "--data", str(REPO / "data/demo/val.json"),
-                               "--image-dir", str(REPO / "data/demo/images"), "--output", str(predictions)],
+    data = REPO / "data" / "demo"
+    answered = subprocess.run([sys.executable, "run.py", "--infer", str(checkpoint), "--output", str(predictions),
+                               "--data", str(data / "val.json"), "--image-dir", str(data / "images")],
                               cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert answered.returncode == 0, answered.stderr[-3000:]
     evaluated = (tmp_path / "checkpoints" / "straight" / "predictions" / "epoch_2.jsonl").read_text().splitlines()
@@ -299,7 +333,8 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
     script = ("import sys, torch; sys.modules['peft'] = None\n"  # the export must load without peft
               "from transformers import AutoModelForImageTextToText\n"
               f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
-              f"from safetensors.torch import save_file; save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})")
+              "from safetensors.torch import save_file\n"
+              f"save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})")
     loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
