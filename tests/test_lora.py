@@ -54,8 +54,8 @@ def lora_model(tiny_model_dir, **keys):
     """The tiny InternVL with both parts' adapters, moved off their initial state (B = 0 would hide
     them) as training would: every adapter and the three new rows get a random offset."""
     model, processor, ids, config = _model(tiny_model_dir, **{**LORA, **keys})
+    torch.manual_seed(1)  # lora_A's random initialisation, the offsets, then the batch's pixels
     apply_lora(model, config, ids)
-    torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or name.endswith(".rows"):
@@ -119,7 +119,7 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
     merged_out.loss.backward()
     torch.testing.assert_close(out.loss, merged_out.loss, rtol=1e-5, atol=1e-6)
     g = dict(merged.named_parameters())
-    own = dict(model.named_parameters())
+    own = {n: p.detach() for n, p in model.named_parameters()}
     rows = [ids.start, ids.latent, ids.end]
     expected = {}
     for name in got:
@@ -136,7 +136,12 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
             expected[name] = g[name].grad
     assert any(".lora_B." in n for n in got) and any(n.endswith(".rows") for n in got)
     assert any("vision_tower" in n and "lora_A" in n for n in got)  # the backbone's adapters learn through the loop
-    assert_close_grads(got, expected, atol=1e-5)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        # The merged weights round W + s·B·A once more than the adapted layers do: errors of fp32 rounding,
+        # carried through the latent passes, ~1e-5 of each tensor's largest gradient (a wrong term is ~1)
+        scale = float(value.abs().max())
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
 @pytest.mark.parametrize("tied", [False, True])
