@@ -17,9 +17,11 @@ peft is imported only here, and only when LoRA is on: it is an optional dependen
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +81,6 @@ class TrainableRows(nn.Module):
         new = F.linear(x, self.rows, bias)  # (..., k)
         return out.index_copy(out.dim() - 1, self.ids, new.to(out.dtype))
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight.detach().index_copy(0, self.ids, self.rows.detach().to(self.weight.dtype))
-
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
@@ -102,17 +101,27 @@ def _targets(model: nn.Module, prefix: str, suffixes: list[str], key: str, part:
     return sorted(set(found))
 
 
+class _Part(NamedTuple):
+    """A part of the model with adapters: its module name, rank, alpha, adapted layers, what freezes."""
+
+    prefix: str
+    rank: int
+    alpha: int
+    targets: list[str]
+    frozen: list[nn.Module | None]
+
+
 def apply_lora(model: nn.Module, config: Config, rows: LatentIds | None) -> None:
     """Put the config's adapters into `model` (in place), freeze the weights of the parts that have them,
     and keep the latent rows (`rows`, for runs that use them) trainable under use_llm_lora."""
     peft = _peft()
-    parts = []  # (module prefix, rank, alpha, target names, modules whose own weights freeze)
+    parts = []
     if config.use_llm_lora:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         prefix = _module_name(model, decoder)
         names = _targets(model, prefix, config.llm_lora_target_modules, "llm_lora_target_modules", "language model")
-        parts.append((prefix, config.use_llm_lora, config.llm_lora_alpha or 2 * config.use_llm_lora, names,
-                      [decoder, head]))
+        parts.append(_Part(prefix, config.use_llm_lora, config.llm_lora_alpha or 2 * config.use_llm_lora, names,
+                           [decoder, head]))
     if config.use_backbone_lora:
         vision = getattr(getattr(model, "model", None), "vision_tower", None)
         if vision is None:
@@ -120,16 +129,16 @@ def apply_lora(model: nn.Module, config: Config, rows: LatentIds | None) -> None
         prefix = _module_name(model, vision)
         names = _targets(model, prefix, config.backbone_lora_target_modules, "backbone_lora_target_modules",
                          "vision backbone")
-        parts.append((prefix, config.use_backbone_lora, config.backbone_lora_alpha or 2 * config.use_backbone_lora,
-                      names, [vision]))
+        parts.append(_Part(prefix, config.use_backbone_lora,
+                           config.backbone_lora_alpha or 2 * config.use_backbone_lora, names, [vision]))
     # One adapter over both parts, each with its own rank and alpha (peft matches these patterns to module names)
     lora_config = peft.LoraConfig(
-        r=parts[0][1], lora_alpha=parts[0][2], lora_dropout=config.lora_dropout,
-        target_modules=[name for part in parts for name in part[3]],
-        rank_pattern={rf"{_escape(p[0])}\..*": p[1] for p in parts},
-        alpha_pattern={rf"{_escape(p[0])}\..*": p[2] for p in parts},
+        r=parts[0].rank, lora_alpha=parts[0].alpha, lora_dropout=config.lora_dropout,
+        target_modules=[name for part in parts for name in part.targets],
+        rank_pattern={rf"{re.escape(part.prefix)}\..*": part.rank for part in parts},
+        alpha_pattern={rf"{re.escape(part.prefix)}\..*": part.alpha for part in parts},
     )
-    frozen = {id(p) for part in parts for module in part[4] if module is not None for p in module.parameters()}
+    frozen = {id(p) for part in parts for module in part.frozen if module is not None for p in module.parameters()}
     trainable = {id(p): p.requires_grad and id(p) not in frozen for p in model.parameters()}
     peft.inject_adapter_in_model(lora_config, model, ADAPTER_NAME)
     for p in model.parameters():  # peft froze everything but the adapters: parts without them keep their flags
@@ -137,10 +146,6 @@ def apply_lora(model: nn.Module, config: Config, rows: LatentIds | None) -> None
             p.requires_grad_(trainable[id(p)])
     if rows is not None and config.use_llm_lora:
         _train_rows(model, [rows.start, rows.latent, rows.end])
-
-
-def _escape(name: str) -> str:
-    return name.replace(".", r"\.")
 
 
 def _train_rows(model: nn.Module, ids: list[int]) -> None:
@@ -166,9 +171,8 @@ def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[
     rows = {name: m for name, m in model.named_modules() if isinstance(m, TrainableRows)}
     lora = set()
     if hasattr(model, "peft_config"):
-        from peft.tuners.lora import LoraLayer
-
-        lora = {name for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        layer = _peft().tuners.lora.LoraLayer
+        lora = {name for name, m in model.named_modules() if isinstance(m, layer)}
     if not rows and not lora:
         return state, {}
     plain = {}
@@ -220,9 +224,11 @@ def load_adapter(model: nn.Module, model_dir: str | Path) -> None:
         odd = sorted(set(state) ^ own)
         raise CheckpointError(f"{path}: the adapters do not fit this run's LoRA keys ({len(odd)} tensors differ, "
                               f"first '{odd[0]}')")
-    result = _peft().set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
-    if getattr(result, "unexpected_keys", None):
-        raise CheckpointError(f"{path}: unexpected adapter tensor '{result.unexpected_keys[0]}'")
+    try:
+        _peft().set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+    except RuntimeError as e:  # load_state_dict's shape mismatch: adapters of another rank
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: the adapters do not fit this run's LoRA keys: {reason}") from None
 
 
 def merge_adapter(model: nn.Module, model_dir: str | Path) -> nn.Module:

@@ -350,6 +350,16 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
     assert metrics(tmp_path / "checkpoints" / "straight")[-1]["stage"] == 1
 
 
+def test_a_run_resumes_its_adapters_only_with_the_same_lora_keys(tmp_path, tiny_model_dir, capsys):
+    config = demo_config(tmp_path, tiny_model_dir, name="keys", num_epochs=1, use_llm_lora=4)
+    assert run.main([str(config)]) == 0
+    capsys.readouterr()
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "num_epochs": 2, "use_llm_lora": 8}))
+    assert run.main([str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "checkpoint_1/model: saved by a run with other LoRA keys (use_llm_lora)" in err
+
+
 @pytest.mark.slow
 def test_lora_on_two_fsdp_ranks_matches_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
     """FSDP2 (gloo, CPU) shards the adapted decoder and vision layers and the new rows: 2 ranks × batch 4
