@@ -5,7 +5,9 @@ save_dir holds two kinds of checkpoint:
   step_{S}/         after optimizer step S, mid-epoch (save_every_steps, or a stop signal)
 Each is a directory with
   model/               save_pretrained (safetensors) + processor + coconut_config.yaml: loads with
-                       from_pretrained; saved_run.py reads the record of the run
+                       from_pretrained; saved_run.py reads the record of the run. A LoRA run's
+                       adapters are in model/adapter/ (peft's format, lora.py); model/ holds the
+                       weights they adapt
   optimizer.pt         full (unsharded) optimizer state, tensors only (loaded with weights_only=True);
                        absent where trainer_state.json says optimizer_saved: false (reset_optimizer
                        runs' epoch checkpoints: the next epoch starts a fresh AdamW anyway)
@@ -39,6 +41,8 @@ from torch import nn
 
 from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
 from distributed import all_reduce_host
+from lora import save_adapter, split_state
+from model_setup import grow_embeddings
 
 PREFIX = "checkpoint_"
 STEP_PREFIX = "step_"
@@ -421,10 +425,22 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a full state dict (optionally with the Coconut wrapper's prefix) with exact checks."""
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> bool:
+    """Load a full state dict (optionally with the Coconut wrapper's prefix) with exact checks.
+
+    Returns whether it is a Coconut checkpoint (the original's test: the wrapper's prefix), whose
+    latent token rows are trained. A file with more embedding rows than the model (saved after the
+    latent tokens were added) grows the model's embeddings and head to its size first.
+    """
+    coconut = any(k.startswith(WRAPPER_PREFIX) for k in state)
     state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
     own = model.state_dict()
+    matrix = model.get_input_embeddings().weight
+    embedding = next(k for k, v in model.state_dict(keep_vars=True).items() if v is matrix)
+    rows = state.get(embedding)
+    if rows is not None and rows.dim() == 2 and rows.shape[1] == own[embedding].shape[1]:
+        grow_embeddings(model, rows.shape[0])
+        own = model.state_dict()
     for name, tensor in state.items():
         if name not in own:
             raise CheckpointError(f"{source}: unexpected tensor '{name}' (a checkpoint of another model?)")
@@ -436,3 +452,13 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} tensors, first '{missing[0]}'")
     model.load_state_dict(state)
+    return coconut
+
+
+def save_model(model: nn.Module, model_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """save_pretrained of a full state dict of `model`; a LoRA model's plain weights (from_pretrained's
+    layout) there, and its adapters in peft's format in model_dir/adapter (lora.py)."""
+    plain, adapter = split_state(model, state)
+    model.save_pretrained(model_dir, state_dict=plain)
+    if adapter:
+        save_adapter(model, model_dir, adapter)

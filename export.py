@@ -5,8 +5,10 @@ AutoTokenizer for text-only runs), and lmdeploy / vLLM can serve it for ordinary
 keeps what the run trained on: the chat template renders exactly the training prompt
 (multimodal/prompts.py), the image processor tiles to the run's max_tiles and image_size, the
 weights default to the training precision, and coconut_config.yaml travels along, so
-`run.py --infer` works on the export. Latent decoding needs `run.py --infer` or Coconut.generate;
-the export's README.md says what plain servers do instead.
+`run.py --infer` works on the export. A LoRA run's adapters are merged into the weights (peft's
+merge; the export loads without peft), and its record then says use_llm_lora / use_backbone_lora 0.
+Latent decoding needs `run.py --infer` or Coconut.generate; the export's README.md says what plain
+servers do instead.
 
 The directory is written under a hidden temporary name and renamed into place when complete, so a
 kill at any moment never leaves a directory at the export's path.
@@ -14,6 +16,7 @@ kill at any moment never leaves a directory at the export's path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from checkpoint import TMP_PREFIX, CheckpointError, model_dir_of
+from lora import has_adapter, merge_adapter
 from model_setup import load_base_model, load_processor, tokenizer_of
 from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
 from saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run, write_saved_run
@@ -88,7 +92,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     dtype = dtype or ("bf16" if config.bf16 else "fp16" if config.fp16 else "fp32")
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    model = load_base_model(source, config.multimodal, config.trust_remote_code).to(DTYPES[dtype])
+    model = load_base_model(source, config.multimodal, config.trust_remote_code)
+    if has_adapter(source):  # a LoRA run: its adapters merged into the weights, a plain model without peft
+        model = merge_adapter(model, source)
+        run = dataclasses.replace(run, config=dataclasses.replace(config, use_llm_lora=0, use_backbone_lora=0))
+    model = model.to(DTYPES[dtype])
     processor = load_processor(source, config.multimodal)
     configure_processor(processor, run)
     _remove_abandoned(out_dir)

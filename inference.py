@@ -33,6 +33,7 @@ from coconut import Coconut
 from dataset import DataError, LatentIds, MyCollator, get_question_latent_dataset, load_records, tokenize_records
 from distributed import DistInfo, mixed_precision_dtype
 from evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
+from lora import apply_lora, load_adapter
 from model_setup import load_base_model, load_processor, tokenizer_of
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
@@ -78,6 +79,9 @@ class Inference:
         if wrong:
             raise CheckpointError(f"{model_dir / SAVED_RUN_FILE}: latent token ids {wrong} do not match the tokenizer")
         base = load_base_model(model_dir, config.multimodal, config.trust_remote_code)
+        if config.uses_lora:  # the adapters as training evaluated them: not merged
+            apply_lora(base, config, LatentIds(**run.latent_token_ids) if config.uses_markers else None)
+            load_adapter(base, model_dir)
         ids = run.latent_token_ids
         model = Coconut(base, ids["latent"], ids["start"], ids["end"], tokenizer.eos_token_id, tokenizer.pad_token_id,
                         feed_thoughts=run.config.feeds_thoughts)

@@ -1,4 +1,4 @@
-"""Model and processor set-up: load (converting original InternVL checkpoints), add latent tokens, freeze."""
+"""Model and processor set-up: load (converting original InternVL checkpoints), latent tokens and their rows, freeze."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from transformers import AddedToken, AutoModelForCausalLM, AutoModelForImageText
 
 from dataset import LatentIds
 from errors import ConfigError, ModelSetupError
+from saved_run import SavedRun
 from utils import Config
 
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
@@ -20,12 +21,13 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 INIT_FROM = "<<"
 
 
-def add_latent_tokens(tokenizer: Any, model: nn.Module) -> LatentIds:
-    """Add COCONUT's three special tokens; new rows of embeddings and (untied) head copy "<<".
+def add_latent_tokens(tokenizer: Any, model: nn.Module | None = None) -> LatentIds:
+    """Add COCONUT's three special tokens to the tokenizer; with a model, also give them rows from "<<".
 
-    A tokenizer that already has them as added special tokens (a checkpoint of this project)
-    keeps them; one that has the same strings as ordinary vocabulary is an error, since their
-    meaning would silently change.
+    The original adds them to the tokenizer in every run, and gives them rows only in coconut and
+    pause runs (init_latent_rows). A tokenizer that already has them as added special tokens (a
+    checkpoint of this project) keeps them; one that has the same strings as ordinary vocabulary is
+    an error, since their meaning would silently change.
     """
     names = (START_LATENT, LATENT, END_LATENT)
     added = {t.content for t in tokenizer.added_tokens_decoder.values()}
@@ -37,16 +39,41 @@ def add_latent_tokens(tokenizer: Any, model: nn.Module) -> LatentIds:
     if new:
         tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in new], special_tokens=True)
     ids = LatentIds(*(tokenizer.convert_tokens_to_ids(n) for n in names))
-    embeddings = model.get_input_embeddings()
-    if len(tokenizer) > embeddings.weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if new:
-        source = tokenizer.encode(INIT_FROM, add_special_tokens=False)[0]
-        with torch.no_grad():
-            rows = [tokenizer.convert_tokens_to_ids(n) for n in new]
-            for weight in {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}.values():
-                weight[rows] = weight[source].clone()
+    if model is not None:
+        init_latent_rows(model, tokenizer, ids)
     return ids
+
+
+def latent_rows_trained(source: SavedRun | None) -> bool:
+    """Whether a loaded model's latent token rows were trained: only by a coconut or pause run.
+
+    A CoT, no_cot or no_thoughts checkpoint has no such rows (or untrained ones, in a padded
+    vocabulary), nor has a model this project did not write (source None): a coconut or pause run
+    starting from one initialises them from its "<<", as the original does after loading.
+    """
+    return source is not None and source.config.uses_markers
+
+
+def grow_embeddings(model: nn.Module, rows: int) -> None:
+    """Resize embeddings and head to at least `rows` rows; a padded vocabulary is never shrunk."""
+    if rows > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+def init_latent_rows(model: nn.Module, tokenizer: Any, ids: LatentIds) -> None:
+    """Give the three tokens rows in the embeddings and the (untied) head, copied from "<<"'s.
+
+    The original resizes to len(tokenizer) and copies "<<" into the rows (COCONUT issue #41: not
+    from themselves). A matrix with more rows than the tokenizer (a padded vocabulary) already has
+    rows at those ids, untrained: they are overwritten the same way.
+    """
+    grow_embeddings(model, len(tokenizer))
+    source = tokenizer.encode(INIT_FROM, add_special_tokens=False)[0]
+    rows = [ids.start, ids.latent, ids.end]
+    matrices = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    with torch.no_grad():
+        for weight in {id(w): w for w in matrices}.values():  # a tied head once
+            weight[rows] = weight[source].clone()
 
 
 def freeze(model: nn.Module, config: Config) -> None:

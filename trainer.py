@@ -44,12 +44,22 @@ from distributed import (
 )
 from evaluation import PREDICTIONS_DIR, generation_accuracy, to_device, validation_loss, write_predictions
 from latent_checkpoint import enable_latent_checkpointing
-from model_setup import add_latent_tokens, check_image_size, freeze, load_base_model, load_processor, tokenizer_of
+from lora import apply_lora, has_adapter, load_adapter, merge_adapter
+from model_setup import (
+    add_latent_tokens,
+    check_image_size,
+    freeze,
+    init_latent_rows,
+    latent_rows_trained,
+    load_base_model,
+    load_processor,
+    tokenizer_of,
+)
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from preemption import Preempted, StopRequests, ignore_stop_signals
-from saved_run import SavedRun, write_saved_run
+from saved_run import SavedRun, read_saved_run, write_saved_run
 from schedule import Schedule, steps_per_epoch
 from utils import Config, set_seed
 
@@ -193,11 +203,18 @@ class Run:
         if self.tokenizer.pad_token_id is None:  # GPT-2-style tokenizers (the original did the same)
             self.tokenizer.pad_token = self.tokenizer.eos_token
         base = load_base_model(model_dir, config.multimodal, config.trust_remote_code)
-        self.ids = add_latent_tokens(self.tokenizer, base)
-        path = config.load_model_path
-        if path and self.resume_from is None and ckpt.model_dir_of(path) is None:
-            ckpt.load_weights(base, ckpt.load_state_dict_file(path), path)
+        self.ids = add_latent_tokens(self.tokenizer)  # every run, as the original
+        base, rows_trained = self._load_weights(base, Path(model_dir))
+        rows = [self.ids.start, self.ids.latent, self.ids.end]
+        # Coconut and pause runs give the tokens rows, from "<<", after loading, as the original; rows a
+        # coconut or pause run trained (resume, or a checkpoint of such a run) are kept.
+        if config.uses_markers and not (rows_trained and max(rows) < base.get_input_embeddings().weight.shape[0]):
+            init_latent_rows(base, self.tokenizer, self.ids)
         freeze(base, config)
+        if config.uses_lora:
+            apply_lora(base, config, self.ids if config.uses_markers else None)
+            if self.resume_from is not None:
+                load_adapter(base, model_dir)
         decoder_layers = base.get_decoder().layers
         if config.activation_checkpointing:
             enable_latent_checkpointing(decoder_layers)
@@ -216,6 +233,27 @@ class Run:
         use_autocast = dtype is not None and not info.distributed
         self.autocast: Callable = (lambda: torch.autocast(info.device.type, dtype=dtype)) if use_autocast else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=config.fp16)
+
+    def _load_weights(self, base: Any, model_dir: Path) -> tuple[Any, bool]:
+        """The model with the weights this run starts from, and whether they trained the latent rows.
+
+        A resumed checkpoint's adapters are restored later, exactly (after apply_lora); those of a LoRA
+        checkpoint that starts another run (load_model_path) are merged into its weights now.
+        """
+        path = self.config.load_model_path
+        if self.resume_from is None and path and ckpt.model_dir_of(path) is None:  # a bare state-dict file
+            return base, ckpt.load_weights(base, ckpt.load_state_dict_file(path), path)
+        source = read_saved_run(model_dir)
+        if self.resume_from is not None:
+            saved = source.config.lora_settings() if source is not None else self.config.lora_settings()
+            if (source is not None and source.config.uses_lora or self.config.uses_lora) and (
+                    saved != self.config.lora_settings()):
+                changed = [k for k in saved if saved[k] != getattr(self.config, k)]
+                raise ckpt.CheckpointError(f"{model_dir}: saved by a run with other LoRA keys ({', '.join(changed)}); "
+                                           "resume with the same values, or start a new run from it (load_model_path)")
+        elif has_adapter(model_dir):
+            base = merge_adapter(base, model_dir)
+        return base, latent_rows_trained(source)
 
     def _load_split(self, path: str, max_size: int | None) -> Split:
         config = self.config
@@ -496,7 +534,7 @@ class Run:
 
         def write_main(directory: Path) -> None:
             model_dir = directory / ckpt.MODEL_DIR
-            self.base.save_pretrained(model_dir, state_dict=model_state)
+            ckpt.save_model(self.base, model_dir, model_state)
             self.processor.save_pretrained(model_dir)
             write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids))
             if optim_state is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import random
@@ -29,6 +30,14 @@ TINY_PREFIX = "tiny:"  # model_id "tiny:DIR": the offline tiny InternVL, built i
 # tokens fill the language model's whole 32768-token context, so more can never train; and transformers' tile-grid
 # search loops over max_tiles² grids (max_tiles: 100000 hangs it). InternVL itself trains with 12.
 MAX_TILES = 128
+# InternVL's LoRA targets (internvl_chat's wrap_llm_lora for Qwen2/Llama; wrap_backbone_lora for InternViT, whose
+# fused attn.qkv and attn.proj are q_proj, k_proj, v_proj and projection_layer in transformers' native layout).
+LLM_LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj")
+BACKBONE_LORA_TARGETS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.projection_layer",
+                         "mlp.fc1", "mlp.fc2")
+LORA_KEYS = ("use_llm_lora", "use_backbone_lora", "llm_lora_alpha", "backbone_lora_alpha", "lora_dropout",
+             "llm_lora_target_modules", "backbone_lora_target_modules")
 
 
 @dataclasses.dataclass
@@ -85,6 +94,14 @@ class Config:
     activation_checkpointing: bool = False
     compile_latent_passes: Literal["default", "reduce-overhead"] | None = None
     latent_column_multiple: int = 1
+    # --- LoRA (peft), InternVL's keys and defaults -----------------------------------------
+    use_llm_lora: int = 0  # rank of the language model's adapters; 0: off
+    use_backbone_lora: int = 0  # rank of the vision backbone's adapters; 0: off
+    llm_lora_alpha: int | None = None  # None: 2 × use_llm_lora, as InternVL
+    backbone_lora_alpha: int | None = None  # None: 2 × use_backbone_lora
+    lora_dropout: float = 0.05
+    llm_lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LLM_LORA_TARGETS))
+    backbone_lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: list(BACKBONE_LORA_TARGETS))
     # --- optimisation and evaluation -------------------------------------------------------
     lr_scheduler: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = 0.0
@@ -133,6 +150,14 @@ class Config:
         """no_thoughts keeps the curriculum but replaces each step by zero thoughts."""
         return 0 if self.method == "no_thoughts" else self.c_thought
 
+    @property
+    def uses_lora(self) -> bool:
+        return bool(self.use_llm_lora or self.use_backbone_lora)
+
+    def lora_settings(self) -> dict[str, Any]:
+        """The keys that shape the adapters: a run resumes its own only with the same values."""
+        return {k: getattr(self, k) for k in LORA_KEYS}
+
     def stage(self, epoch: int) -> int:
         """Curriculum stage of an epoch; cot and no_cot stay at stage 0."""
         return 0 if self.method in ("cot", "no_cot") else epoch // self.epochs_per_stage
@@ -144,7 +169,8 @@ class Config:
 _POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
              "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
              "video_tiles", "num_frames", "log_every", "dist_timeout_s", "latent_column_multiple")
-_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "save_every_steps", "save_total_limit")
+_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "save_every_steps", "save_total_limit",
+                 "use_llm_lora", "use_backbone_lora")
 _HINTS = typing.get_type_hints(Config)
 # Every float key must be a finite number >= 0: `lr: .inf` trained to NaN weights, and `max_grad_norm: .nan`
 # switched clipping off (NaN compares false with everything, so no range check catches it).
@@ -253,6 +279,10 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {value!r}")
         return value
+    if origin is list and args == (str,):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"expected a non-empty list of names, got {value!r}")
+        return list(value)
     raise TypeError(f"unsupported annotation {annotation} for {key}")
 
 
@@ -305,6 +335,14 @@ def _check_values(config: Config, origin: Origin) -> None:
         raise ConfigError(f"{at('uniform_prob')}: key 'uniform_prob': must be in [0, 1], got {config.uniform_prob}")
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise ConfigError(f"{at('warmup_ratio')}: key 'warmup_ratio': must be in [0, 1), got {config.warmup_ratio}")
+    for key in ("llm_lora_alpha", "backbone_lora_alpha"):
+        if getattr(config, key) is not None and getattr(config, key) <= 0:
+            raise ConfigError(f"{at(key)}: key '{key}': must be > 0, got {getattr(config, key)}")
+    if config.lora_dropout >= 1.0:
+        raise ConfigError(f"{at('lora_dropout')}: key 'lora_dropout': must be in [0, 1), got {config.lora_dropout}")
+    if config.use_backbone_lora and not config.multimodal:
+        raise ConfigError(f"{at('use_backbone_lora')}: key 'use_backbone_lora': only multimodal (InternVL) models "
+                          "have a vision backbone")
     if config.max_length is not None and config.max_length <= 0:
         raise ConfigError(f"{at('max_length')}: key 'max_length': must be > 0, got {config.max_length}")
     name = PurePath(config.name)
@@ -372,6 +410,9 @@ def check_launch(config: Config, source: str | Origin = "<config>") -> None:
             f"{at('compile_latent_passes')}: key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in "
             "one process only; under torchrun use 'default'"
         )
+    lora = [k for k in ("use_llm_lora", "use_backbone_lora") if getattr(config, k)]
+    if lora and importlib.util.find_spec("peft") is None:  # finds it without importing it (nor torch)
+        raise ConfigError(f"{at(*lora)}: key '{lora[0]}': LoRA needs peft, which is not installed (pip install peft)")
     if config.decode_cuda_graph:
         import torch  # only for this key: the other checks stay light
 

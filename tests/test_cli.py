@@ -121,7 +121,7 @@ def test_export_takes_no_config_or_overrides(capsys):
 
 # --- config faults (issue 13) -------------------------------------------------------------------
 
-FLOAT_KEYS = ("lr", "weight_decay", "uniform_prob", "warmup_ratio", "max_grad_norm")
+FLOAT_KEYS = ("lr", "weight_decay", "uniform_prob", "warmup_ratio", "max_grad_norm", "lora_dropout")
 
 
 def test_float_keys_listed_here_are_every_float_key_of_config():

@@ -23,8 +23,10 @@ def test_original_keys_keep_their_meaning():
     assert config.load_model_path is None  # the original writes the string "None"
     assert config.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     assert config.method == "cot" and config.stage(7) == 0 and not config.uses_markers
-    coconut = config_from_dict({**BASE, "epochs_per_stage": 3})
-    assert coconut.method == "coconut" and coconut.stage(7) == 2 and coconut.uses_markers
+    coconut = config_from_dict({**BASE, "coconut": True, "epochs_per_stage": 3})
+    assert coconut.method == "coconut" and coconut.stage(7) == 2 and coconut.uses_markers and coconut.feeds_thoughts
+    pause = config_from_dict({**BASE, "epochs_per_stage": 3})  # every method key false: pause as thought
+    assert pause.method == "pause" and pause.stage(7) == 2 and pause.uses_markers and not pause.feeds_thoughts
     assert config_from_dict({**BASE, "no_thoughts": True}).thoughts_per_step == 0
 
 

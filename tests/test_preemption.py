@@ -437,4 +437,4 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(tmp_path / "checkpoints" / "straight")
-    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_2", "config.yaml", "metrics.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_2", "config.yaml", "metrics.jsonl", "predictions"]
