@@ -9,6 +9,7 @@ Rank 0 holds the loggers; the other ranks, and debug runs apart from the console
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,7 +124,7 @@ class WandbLogger:
         id_file = save_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
         if not run_id:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(8)  # wandb's own id helper moved between its versions
             ckpt.write_atomic(id_file, run_id + "\n")
         self.run = wandb.init(project=project, name=name, config=dict(config), mode=mode, dir=str(save_dir),
                               id=run_id, resume="allow")
