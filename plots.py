@@ -65,7 +65,7 @@ def draw(figure: Any, metrics: Sequence[dict[str, Any]], steps: Sequence[dict[st
                 axes.axvline(at, color="black", ls=":", lw=0.8)
             axes.annotate(f"stage {stage}", (at, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
                           textcoords="offset points", fontsize=7)
-        if axes.has_data():
+        if axes.get_legend_handles_labels()[0]:  # some curve drawn (a stage line has no label)
             axes.legend(fontsize=7)
         if boundaries:  # every panel from the first epoch's start, where the first stage's label sits
             axes.set_xlim(left=boundaries[0][0] - 0.1)

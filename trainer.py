@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils
 import torch
+import transformers
 import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -654,10 +656,7 @@ def _init_wandb(config: Config, info: DistInfo, save_dir: Path) -> WandbLogger |
 def quiet_transformers() -> None:
     """Silence transformers' own progress bars ("Loading weights", "Writing model shards" at every
     checkpoint); huggingface_hub's download bars, which its switch turns off too, stay as they were."""
-    import huggingface_hub.utils as hub
-    import transformers
-
-    downloads_shown = not hub.are_progress_bars_disabled()
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
     transformers.utils.logging.disable_progress_bar()
     if downloads_shown:
-        hub.enable_progress_bars()
+        huggingface_hub.utils.enable_progress_bars()

@@ -75,3 +75,10 @@ def test_without_matplotlib_one_note_and_no_picture(tmp_path, monkeypatch):
     assert notes == [f"note: matplotlib is not installed: no {CURVES_FILE} (pip install matplotlib)"]
     assert not (tmp_path / CURVES_FILE).exists()
 
+
+
+def test_an_evaluation_before_any_logged_step_draws_without_warnings(tmp_path, recwarn):
+    """An eval-first resume (its epoch saved, never evaluated) with no train_log.jsonl lines yet."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in METRICS))  # a stage line, no norms
+    assert Curves(tmp_path, "metrics.jsonl", "train_log.jsonl", print).update() == tmp_path / CURVES_FILE
+    assert [str(w.message) for w in recwarn] == []
