@@ -103,6 +103,7 @@ def test_a_run_summarises_itself_logs_every_step_and_draws_its_curves(tmp_path, 
     # the progress bar: the whole run in optimizer steps, loss, lr, grad norm and tokens/s beside it
     (bar,) = bars
     assert (bar.total, bar.n, bar.kwargs["initial"], bar.unit) == (24, 24, 0, "step")
+    assert bar.smoothing == 0  # its rate (so its ETA): the mean since the launch began, evaluations included
     assert re.fullmatch(r"loss=[\d.]+, lr=2\.00e-03, grad_norm=[\d.e+-]+, tok/s=\d+", bar.postfix), bar.postfix
 
     # the end: best epoch (the first of equals) and accuracy, where things are
