@@ -83,11 +83,9 @@ class GenerationResult:
     total: int
     predictions: list[dict[str, Any]]
 
-    @property
-    def examples(self) -> list[dict[str, str]]:
-        """The first few predictions, for printing."""
-        return [{"question": p["question"], "answer": p["gold"], "output": p["output"], "extracted": p["answer"]}
-                for p in self.predictions[:3]]
+    def examples(self, n: int) -> list[dict[str, str]]:
+        """The first n predictions' question, gold answer, generated text and extracted answer: a table's rows."""
+        return [{key: p[key] for key in ("question", "gold", "output", "answer")} for p in self.predictions[:n]]
 
 
 @torch.no_grad()

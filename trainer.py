@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils
 import torch
+import transformers
 import yaml
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -24,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -45,6 +48,7 @@ from distributed import (
 from evaluation import PREDICTIONS_DIR, generation_accuracy, to_device, validation_loss, write_predictions
 from latent_checkpoint import enable_latent_checkpointing
 from lora import apply_lora, has_adapter, load_adapter, merge_adapter
+from metric_logger import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, WandbLogger, read_jsonl
 from model_setup import (
     add_latent_tokens,
     check_image_size,
@@ -58,13 +62,17 @@ from model_setup import (
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
+from plots import CURVES_FILE, Curves
 from preemption import Preempted, StopRequests, ignore_stop_signals
+from run_summary import end_lines, parameter_counts, start_lines
 from saved_run import SavedRun, read_saved_run, write_saved_run
 from schedule import Schedule, steps_per_epoch
 from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
 METRICS_FILE = "metrics.jsonl"
+TRAIN_LOG_FILE = "train_log.jsonl"  # one line per logged optimizer step
+GENERATIONS_TABLE_ROWS = 32  # sample generations logged per evaluation (the first records of the val set)
 CONFIG_FILE = "config.yaml"
 
 
@@ -88,6 +96,7 @@ def run(config: Config) -> dict[str, Any]:
     A stop signal ends it with Preempted (SystemExit, status 75) after a checkpoint, its one line printed.
     """
     info = init_distributed(config.dist_timeout_s)
+    quiet_transformers()
     runner = Run(config, info)
     try:
         return runner.execute()
@@ -117,6 +126,12 @@ class Run:
         self.unevaluated = False  # the resumed checkpoint's epoch has no metrics line yet
         self.stop = StopRequests()
         self.stopping = False  # a stop agreed at an epoch's end: its checkpoint is saved, then the run stops
+        self.started = time.perf_counter()
+        self.logger: MetricLogger = MultiLogger([])
+        self.console: ConsoleLogger | None = None
+        self.bar: tqdm | None = None  # the whole run's progress in optimizer steps (its ETA: the whole run's)
+        self.grad_norm: torch.Tensor | None = None  # of the last optimizer step, before clipping
+        self.curves = Curves(self.save_dir, METRICS_FILE, TRAIN_LOG_FILE, self._print)
 
     def close(self) -> None:
         """Drop the model (and all else) before the process group goes.
@@ -271,8 +286,10 @@ class Run:
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
-        # stop signals are handled only where a checkpoint can be written
-        with self.stop if self.writes else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if self.writes:  # stop signals are handled only where a checkpoint can be written
+                stack.enter_context(self.stop)
+            stack.callback(self._close_output)  # also when an error unwinds: its message starts on a line of its own
             self._execute()
         return {"epochs": self.metrics, "save_dir": str(self.save_dir)}
 
@@ -285,7 +302,8 @@ class Run:
         self.val = self._load_split(config.val_path, DEBUG_VAL_SIZE if debug else None)
         self.train = None if config.only_eval else self._load_split(config.train_path, DEBUG_TRAIN_SIZE if debug else None)
         self.collate = self._collator()
-        self.logger = _init_wandb(config, self.info)
+        self._start_summary()
+        self._open_output()
         optimizer = None
         if self.unevaluated:
             done = self.state.epoch
@@ -309,8 +327,7 @@ class Run:
                 self.state.best_acc = accuracy
                 self._save(optimizer, accuracy)
             self.state.best_acc = max(self.state.best_acc, accuracy)
-        if self.logger is not None:
-            self.logger.finish()
+        self._end_summary()
 
     def _evaluate(self, record: dict[str, Any]) -> float:
         """Validation loss and generation accuracy at the record's stage, reported; returns the accuracy."""
@@ -322,7 +339,7 @@ class Run:
                       correct=result.correct, total=result.total)
         if self.info.is_main:  # eval-only and debug runs too
             write_predictions(self.save_dir / PREDICTIONS_DIR / f"epoch_{record['epoch']}.jsonl", result.predictions)
-        self._report(record, result.examples)
+        self._report(record, result.examples(GENERATIONS_TABLE_ROWS))
         return result.accuracy
 
     def _optimizer_for(self, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer:
@@ -389,33 +406,31 @@ class Run:
         self.resume_pending = False
         self.model.train()
         throughput = _Throughput()
-        # closed also when an error unwinds, so that its message starts on a line of its own
-        with tqdm(total=n_batches, initial=done, desc=f"epoch {epoch + 1}/{config.num_epochs} stage {stage}",
-                  disable=not info.is_main, dynamic_ncols=True) as bar:
-            while True:
-                window = list(itertools.islice(batches, min(accum, n_batches - done)))
-                labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # on the host copy: no sync
-                n_labels, stops = all_reduce_host([labels, float(self.stop.requested)])
-                if stops:
-                    self._stop_in_epoch(optimizer, epoch, done, n_batches, loss_sum)
-                    break
-                if not window:
-                    break
-                ce, out = self._train_window(window, n_labels, throughput)
-                loss_sum[0] += ce
-                loss_sum[1] += labels
-                if info.distributed:
-                    release_gathered(self.decoder_layers)
-                lr = schedule.lr(schedule.position(epoch, done // accum))
-                self._optimizer_step(optimizer, lr)
-                done += len(window)
-                bar.update(len(window))
-                if self.state.step % config.log_every == 0:
-                    self._log_step(out, ce, n_labels, lr, epoch, throughput, bar)
-                # the step that ends an epoch is saved by its epoch checkpoint, unless that waits for evaluation
-                if config.save_every_steps and self.state.step % config.save_every_steps == 0 and (
-                        done < n_batches or config.save_only_improve):
-                    self._save_step(optimizer, epoch, done, loss_sum)
+        self.bar.set_description(f"epoch {epoch + 1}/{config.num_epochs} stage {stage}")
+        while True:
+            window = list(itertools.islice(batches, min(accum, n_batches - done)))
+            labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # on the host copy: no sync
+            n_labels, stops = all_reduce_host([labels, float(self.stop.requested)])
+            if stops:
+                self._stop_in_epoch(optimizer, epoch, done, n_batches, loss_sum)
+                break
+            if not window:
+                break
+            ce, out = self._train_window(window, n_labels, throughput)
+            loss_sum[0] += ce
+            loss_sum[1] += labels
+            if info.distributed:
+                release_gathered(self.decoder_layers)
+            lr = schedule.lr(schedule.position(epoch, done // accum))
+            self._optimizer_step(optimizer, lr)
+            done += len(window)
+            if self.state.step % config.log_every == 0:
+                self._log_step(out, ce, n_labels, lr, epoch + done / n_batches, stage, throughput)
+            self.bar.update(1)
+            # the step that ends an epoch is saved by its epoch checkpoint, unless that waits for evaluation
+            if config.save_every_steps and self.state.step % config.save_every_steps == 0 and (
+                    done < n_batches or config.save_only_improve):
+                self._save_step(optimizer, epoch, done, loss_sum)
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
@@ -455,30 +470,44 @@ class Run:
         return ce, out
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        """Step with the lr given; the gradients' global norm before clipping is kept for the log.
+
+        Under FSDP2 the gradients are DTensors and so is their norm: the norm of the full gradients,
+        whose value the log gathers (full_tensor) on every rank alike.
+        """
         for group in optimizer.param_groups:
             group["lr"] = lr
+        self.scaler.unscale_(optimizer)  # a no-op unless fp16's loss scaling is on
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         if self.config.max_grad_norm > 0:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:  # the norm alone: clip_grad_norm_ with an infinite bound would still rescale (NaN on an inf norm)
+            self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
-    def _log_step(self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: int,
-                  throughput: _Throughput, bar: tqdm) -> None:
-        """Global token-mean loss of the optimizer step, throughput, and thought vs token embedding norms."""
-        loss = float(all_reduce_sum(ce.clone())) / max(n_labels, 1.0)
-        world = self.info.world_size
-        tokens_per_s, samples_per_s = throughput.rates()
-        entry = {"train/loss": loss, "train/lr": lr, "train/epoch": epoch + 1, "train/step": self.state.step,
-                 "train/tokens_per_s": tokens_per_s * world, "train/samples_per_s": samples_per_s * world,
-                 "train/token_embedding_norm": float(out.token_norm)}
+    def _log_step(self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: float, stage: int,
+                  throughput: _Throughput) -> None:
+        """The optimizer step's global token-mean loss, grad norm, throughput over every rank since the last
+        log, and thought vs token-embedding norms (rank 0's last micro-batch). A collective: every rank logs.
+
+        epoch: epochs done, fractional (3.25: a quarter into the fourth epoch).
+        """
+        tokens, samples, elapsed = throughput.take()
+        norm = self.grad_norm.full_tensor() if isinstance(self.grad_norm, DTensor) else self.grad_norm
+        values = [all_reduce_sum(torch.cat([ce.view(1), ce.new_tensor([tokens, samples])])),
+                  norm.double().view(1), out.token_norm.double().view(1)]
         if out.thought_norm is not None:
-            entry["train/thought_norm"] = float(out.thought_norm)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if self.logger is not None:
-            self.logger.log(entry, step=self.state.step)
+            values.append(out.thought_norm.double().view(1))
+        ce_sum, tokens, samples, grad_norm, token_norm, *thought_norm = torch.cat(values).tolist()  # one sync
+        entry = {"train/epoch": epoch, "train/stage": stage, "train/loss": ce_sum / max(n_labels, 1.0),
+                 "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed,
+                 "train/samples_per_s": samples / elapsed, "train/token_embedding_norm": token_norm}
+        if thought_norm:
+            entry["train/thought_norm"] = thought_norm[0]
+        self.logger.log(entry, step=self.state.step)
 
     # --- stopping -----------------------------------------------------------------------------
     def _stop_in_epoch(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, n_batches: int,
@@ -560,16 +589,12 @@ class Run:
         return generation_accuracy(self.model, self.val.wrap(questions, config), self.collate, self.val.records,
                                    self.tokenizer, self.info, config, stage, self.autocast)
 
-    def _report(self, record: dict[str, Any], examples: list[dict[str, str]]) -> None:
+    def _report(self, record: dict[str, Any], examples: list[dict[str, Any]]) -> None:
+        """An evaluation's metrics line, its sample generations (console: the first few; wandb: a table),
+        metrics.jsonl and the curves."""
         self.metrics.append(record)
         if not self.info.is_main:
             return
-        for ex in examples:
-            self._print(f"  Q: {ex['question']!r}\n  gold: {ex['answer']!r}  output: {ex['output']!r}  extracted: {ex['extracted']!r}")
-        parts = [f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()]
-        self._print("[eval] " + " ".join(parts))
-        if self.logger is not None:
-            self.logger.log({f"eval/{k}": v for k, v in record.items()}, step=self.state.step)
         if self.writes:
             path = self.save_dir / METRICS_FILE
             try:
@@ -577,6 +602,71 @@ class Run:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise ckpt.CheckpointError(f"could not write {path}: {e.strerror or e}") from None
+        self.logger.log_table("eval/generations", examples, step=self.state.step)
+        self.logger.log({f"eval/{k}": v for k, v in record.items()}, step=self.state.step)
+        if self.writes:
+            self.curves.update()
+
+    # --- what the run says ----------------------------------------------------------------------
+    def _start_summary(self) -> None:
+        """What will run, on what: printed by rank 0 once the model and the data are loaded."""
+        config, info = self.config, self.info
+        device = str(info.device)
+        if info.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(info.device)})"
+        splits = {"train": self.train, "val": self.val} if self.train is not None else {"val": self.val}
+        lines = start_lines(
+            config, world_size=info.world_size, device=device,
+            weights_dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            parameters=parameter_counts(self.model),
+            records={name: (len(split.records), len(split.base)) for name, split in splits.items()},
+            steps_per_epoch=self._steps_per_epoch(), first_epoch=self.state.first_epoch,
+            steps_done=self.state.step, save_dir=self.save_dir, writes=self.writes)
+        self._print("\n".join(lines))
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch on every rank (the DistributedSampler pads ranks to equal shares)."""
+        if self.train is None:
+            return 0
+        per_rank = math.ceil(len(self.train.base) / self.info.world_size)
+        return steps_per_epoch(math.ceil(per_rank / self.config.batch_size_training),
+                               self.config.gradient_accumulation_steps)
+
+    def _open_output(self) -> None:
+        """Rank 0: the console, train_log.jsonl (unless debug or eval-only), wandb (unless debug or
+        disabled) and the progress bar over the whole run, whose ETA is that of the whole run: tqdm
+        without smoothing takes the mean rate since this launch began, evaluations and saves included."""
+        config, info = self.config, self.info
+        if info.is_main:
+            self.console = ConsoleLogger()
+            loggers: list[MetricLogger] = [self.console]
+            if self.writes:
+                loggers.append(JsonlLogger(self.save_dir / TRAIN_LOG_FILE, "train", self.state.step))
+            wandb = _init_wandb(config, info, self.save_dir)
+            if wandb is not None:
+                loggers.append(wandb)
+            self.logger = MultiLogger(loggers)
+        total = 0 if config.only_eval else self._steps_per_epoch() * (config.num_epochs - self.state.first_epoch)
+        self.bar = tqdm(total=total, initial=self.state.step, unit="step", smoothing=0, dynamic_ncols=True,
+                        disable=not info.is_main or config.only_eval)
+        if self.console is not None:
+            self.console.bar = self.bar
+
+    def _close_output(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
+
+    def _end_summary(self) -> None:
+        """Best epoch and accuracy, this launch's wall time, where checkpoints and result files are."""
+        if not self.info.is_main:
+            return
+        self.bar.close()  # before the last lines: the bar's final state stays above them
+        checkpoints = [path.name for _, path in ckpt.complete_checkpoints(self.save_dir)] if self.writes else []
+        files = [name for name in (METRICS_FILE, TRAIN_LOG_FILE, CURVES_FILE, PREDICTIONS_DIR + "/")
+                 if (self.save_dir / name).exists()]
+        self._print("\n".join(end_lines(self.metrics, time.perf_counter() - self.started, self.save_dir,
+                                        checkpoints, files)))
 
     def _print(self, text: str) -> None:
         if self.info.is_main:
@@ -593,35 +683,31 @@ class _Throughput:
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += batch["input_ids"].shape[0]
 
-    def rates(self) -> tuple[float, float]:
-        """(tokens/s, samples/s) of this rank since the last call."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rates = self.tokens / elapsed, self.samples / elapsed
-        self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
-        return rates
+    def take(self) -> tuple[int, int, float]:
+        """(tokens, samples, seconds) of this rank since the last call."""
+        now = time.perf_counter()
+        taken = self.tokens, self.samples, max(now - self.start, 1e-9)
+        self.start, self.tokens, self.samples = now, 0, 0
+        return taken
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The complete records of a metrics.jsonl (none if it is missing); a line a kill cut short is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
+    return [r for r in read_jsonl(path) if isinstance(r.get("epoch"), int)]
 
 
-def _init_wandb(config: Config, info: DistInfo) -> Any:
+def _init_wandb(config: Config, info: DistInfo, save_dir: Path) -> WandbLogger | None:
     """wandb on rank 0 unless debug or disabled (config key wandb_mode, else WANDB_MODE, else online)."""
     mode = config.wandb_mode or os.environ.get("WANDB_MODE", "online")
     if not info.is_main or config.debug or mode == "disabled":
         return None
-    import wandb  # imported only when used: it is slow to import and tests never need it
+    return WandbLogger(save_dir, mode, config.project, config.name, config.to_dict())
 
-    return wandb.init(project=config.project, name=config.name, config=config.to_dict(), mode=mode)
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars ("Loading weights", "Writing model shards" at every
+    checkpoint); huggingface_hub's download bars, which its switch turns off too, stay as they were."""
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()

@@ -60,11 +60,14 @@ def install_recorder(record: dict[str, list[Any]]) -> None:
             if "train/loss" in entry:
                 record["losses"].append(entry["train/loss"])
 
-        def finish(self) -> None:
+        def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+            pass
+
+        def close(self) -> None:
             pass
 
     torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step = recording_clip, recording_step
-    trainer._init_wandb = lambda config, info: Logger()
+    trainer._init_wandb = lambda config, info, save_dir: Logger()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def test_a_run_saves_its_resolved_config_a_record_in_each_checkpoint_and_keeps_s
                        max_latent_stage=2, save_total_limit=2, num_workers=0)
     assert run.main([str(path)]) == 0
     save_dir = tmp_path / "checkpoints" / "kept"
-    assert _names(save_dir) == ["checkpoint_2", "checkpoint_3", "config.yaml", "metrics.jsonl", "predictions"]
+    assert _names(save_dir) == ["checkpoint_2", "checkpoint_3", "config.yaml", "curves.png", "metrics.jsonl",
+                                "predictions", "train_log.jsonl"]
     config = load_config(path)
     assert config_from_dict(yaml.safe_load((save_dir / "config.yaml").read_text())) == config
     for epoch in (2, 3):

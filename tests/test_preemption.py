@@ -60,14 +60,21 @@ def straight(tmp_path_factory, tiny_model_dir) -> Path:
     return tmp / "checkpoints" / "straight"
 
 
+def logged_steps(save_dir: Path) -> list[dict]:
+    """train_log.jsonl without its throughput, which depends on the machine's speed."""
+    return [{k: v for k, v in line.items() if not k.endswith("_per_s")}
+            for line in map(json.loads, (save_dir / "train_log.jsonl").read_text().splitlines())]
+
+
 def assert_same_run(save_dir: Path, straight: Path) -> None:
     a, b = weights(save_dir / "checkpoint_3"), weights(straight / "checkpoint_3")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(straight)  # every epoch's line once, train_loss of resumed epochs included
-    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1", "checkpoint_2", "checkpoint_3",
-                                                        "config.yaml", "metrics.jsonl", "predictions"]
+    assert logged_steps(save_dir) == logged_steps(straight)  # every step's line once, as the straight run logged it
+    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1", "checkpoint_2", "checkpoint_3", "config.yaml",
+                                                        "curves.png", "metrics.jsonl", "predictions", "train_log.jsonl"]
     predictions = sorted(p.name for p in (straight / "predictions").iterdir())
     assert sorted(p.name for p in (save_dir / "predictions").iterdir()) == predictions
     for name in predictions:  # every evaluation's answers, as the uninterrupted run gave them
@@ -437,4 +444,6 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(tmp_path / "checkpoints" / "straight")
-    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_2", "config.yaml", "metrics.jsonl", "predictions"]
+    assert logged_steps(save_dir) == logged_steps(tmp_path / "checkpoints" / "straight")
+    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_2", "config.yaml", "curves.png", "metrics.jsonl",
+                                                        "predictions", "train_log.jsonl"]
