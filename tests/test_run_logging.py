@@ -23,8 +23,13 @@ from metric_logger import read_jsonl
 from tests.run_helpers import demo_config, metrics, torchrun
 from tests.test_metric_logger import FakeWandb
 
-# the demo: 48 train records, 16 val records, batch 4: 12 optimizer steps per epoch
+# the in-repo demo data: 48 train records, 16 val records, batch 4: 12 optimizer steps per epoch
 STEPS_PER_EPOCH = 12
+
+
+def logs_config(tmp_path: Path, tiny_model_dir: Path, **keys) -> Path:
+    """demo_config at batch 4 (the step counts above) and lr 2e-3 (the bar's text below), whatever args/demo.yaml ships."""
+    return demo_config(tmp_path, tiny_model_dir, **{"batch_size_training": 4, "lr": 2e-3, **keys})
 STEP_KEYS = ["step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
              "token_embedding_norm"]  # + "thought_norm" where thoughts are fed back
 
@@ -65,7 +70,7 @@ def summary(out: str, first: str) -> list[str]:
 
 
 def test_a_run_summarises_itself_logs_every_step_and_draws_its_curves(tmp_path, tiny_model_dir, capsys, bars):
-    config = demo_config(tmp_path, tiny_model_dir, name="logs", num_epochs=2, epochs_per_stage=1, max_latent_stage=1,
+    config = logs_config(tmp_path, tiny_model_dir, name="logs", num_epochs=2, epochs_per_stage=1, max_latent_stage=1,
                          freeze_backbone=True)
     assert run.main([str(config)]) == 0
     save_dir = tmp_path / "checkpoints" / "logs"
@@ -139,7 +144,7 @@ def test_the_logged_grad_norm_is_the_norm_before_clipping(tmp_path, tiny_model_d
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    config = demo_config(tmp_path, tiny_model_dir, num_epochs=1, max_grad_norm=max_grad_norm)
+    config = logs_config(tmp_path, tiny_model_dir, num_epochs=1, max_grad_norm=max_grad_norm)
     assert run.main([str(config)]) == 0
     logged = [s["grad_norm"] for s in read_jsonl(tmp_path / "checkpoints" / "run" / "train_log.jsonl")]
     assert len(logged) == len(at_step) == STEPS_PER_EPOCH
@@ -155,7 +160,7 @@ def test_the_logged_grad_norm_is_the_norm_before_clipping(tmp_path, tiny_model_d
 def test_the_step_log_and_the_bar_continue_a_resumed_run(tmp_path, tiny_model_dir, capsys, bars):
     """Lines a killed run logged after its newest checkpoint are dropped; the re-run steps are logged
     once; the bar counts the whole run from the resumed step, and the summary says what is left."""
-    config = demo_config(tmp_path, tiny_model_dir, num_epochs=1, epochs_per_stage=1)
+    config = logs_config(tmp_path, tiny_model_dir, num_epochs=1, epochs_per_stage=1)
     assert run.main([str(config)]) == 0
     path = tmp_path / "checkpoints" / "run" / "train_log.jsonl"
     first = path.read_text()
@@ -177,7 +182,7 @@ def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_tab
                                                                                       monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    config = demo_config(tmp_path, tiny_model_dir, num_epochs=1, wandb_mode="offline")
+    config = logs_config(tmp_path, tiny_model_dir, num_epochs=1, wandb_mode="offline")
     save_dir = tmp_path / "checkpoints" / "run"
     assert run.main([str(config)]) == 0
     raw = yaml.safe_load(config.read_text())
@@ -200,7 +205,7 @@ def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_tab
 
     # a debug run logs nothing: no wandb, no step log, no curves
     fake.inits.clear()
-    debug = demo_config(tmp_path, tiny_model_dir, name="debug", num_epochs=1, wandb_mode="offline", debug=True)
+    debug = logs_config(tmp_path, tiny_model_dir, name="debug", num_epochs=1, wandb_mode="offline", debug=True)
     assert run.main([str(debug)]) == 0
     assert fake.inits == []
     assert not any((tmp_path / "checkpoints" / "debug" / name).exists()
@@ -212,7 +217,7 @@ def test_the_real_wandb_offline_resumes_its_run(tmp_path, tiny_model_dir, monkey
     """wandb itself (its service process, offline: nothing leaves the machine): both launches write
     their offline run under save_dir/wandb/ with the id kept in save_dir."""
     monkeypatch.setenv("WANDB_SILENT", "true")
-    config = demo_config(tmp_path, tiny_model_dir, num_epochs=1, wandb_mode="offline")
+    config = logs_config(tmp_path, tiny_model_dir, num_epochs=1, wandb_mode="offline")
     assert run.main([str(config)]) == 0
     raw = yaml.safe_load(config.read_text())
     raw["num_epochs"] = 2
