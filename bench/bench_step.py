@@ -463,13 +463,16 @@ def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd keeps for the backward of one loss (then freed).
 
     A memory figure a CPU can measure: the activations that peak_mem_gib (GPU only) mostly is.
+    The hook keeps a detached alias: it holds the storage (so no address is reused and counted
+    twice) without the tensor's grad_fn. Keeping the tensor itself would tie every saved output
+    to its own node, a cycle that outlives the call and keeps the whole graph alive.
     """
     sizes: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss_fn()
