@@ -110,20 +110,24 @@ def split_attention(
 
     What autograd keeps is the prefix (the same tensors every pass), the small tail and the
     scores [B, K/V heads, groups, L], not a concatenated copy of the K/V per pass. Scores in the
-    query's dtype and softmax in fp32, as transformers' eager attention computes them.
+    query's dtype and softmax in fp32, as transformers' eager attention computes them. Batched
+    matrix products over (B · K/V heads): a one-token pass is bound by the work per operator.
     """
     batch, heads, _, dim = query.shape
-    rows = query.reshape(batch, heads // groups, groups, dim) * (dim**-0.5 if scaling is None else scaling)
-    scores = torch.cat([rows @ key.prefix.mT, rows @ key.tail.mT], dim=-1)  # (B, K/V heads, groups, L)
+    kv_heads = heads // groups
+    rows = query.reshape(batch * kv_heads, groups, dim) * (dim**-0.5 if scaling is None else scaling)
+    prefix_keys, prefix_values = key.prefix.flatten(0, 1), value.prefix.flatten(0, 1)  # (B · K/V heads, P, D)
+    scores = torch.cat([torch.bmm(rows, prefix_keys.mT), torch.bmm(rows, key.tail.flatten(0, 1).mT)], dim=-1)
+    scores = scores.view(batch, kv_heads, groups, -1)  # (B, K/V heads, groups, L)
     if mask is not None:  # [B, 1, 1, L]: True (or 0.0) where attended
         scores = torch.where(mask, scores, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = scores.float().softmax(-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if dropout:
         probs = F.dropout(probs, p=dropout)
-    probs = probs.to(query.dtype)
-    cut = key.prefix.shape[2]
-    out = probs[..., :cut] @ value.prefix + probs[..., cut:] @ value.tail  # (B, K/V heads, groups, D)
-    return out.reshape(batch, 1, heads, dim)
+    probs = probs.to(query.dtype).view(batch * kv_heads, groups, -1)
+    cut = prefix_keys.shape[1]
+    out = torch.baddbmm(torch.bmm(probs[..., :cut], prefix_values), probs[..., cut:], value.tail.flatten(0, 1))
+    return out.view(batch, 1, heads, dim)
 
 
 AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
