@@ -97,9 +97,13 @@ def grouped_rows_mask(allowed: torch.Tensor, groups: int, dtype: torch.dtype) ->
     """A boolean [B, 1, T, L] mask (True = attend) laid out for _grouped_sdpa's rows, [B, 1, groups·T, L],
     additive in dtype (the dtype sdpa computes in). Built once per pass for every layer: expanded in
     each layer's attention, or converted there by sdpa (which turns a boolean mask into one of the
-    query's dtype at every call), it would keep one copy per layer for the backward."""
+    query's dtype at every call), it would keep one copy per layer for the backward. Its rows are
+    padded to a multiple of 16 elements (a view of the first L): CUDA's memory-efficient kernel
+    copies a mask with unaligned rows at every call."""
     rows = allowed.repeat(1, 1, groups, 1)
-    return torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(~rows, float("-inf"))
+    length = rows.shape[-1]
+    mask = torch.zeros(*rows.shape[:-1], -(-length // 16) * 16, dtype=dtype, device=rows.device)[..., :length]
+    return mask.masked_fill_(~rows, float("-inf"))
 
 
 def split_attention(
