@@ -24,16 +24,20 @@ from torch.utils.checkpoint import checkpoint
 from decoder_steps import LatentKV
 from hf_compat import KVSplit, attention_implementation, cache_keyword, extend_kv, layer_past
 
+PastKV = torch.Tensor | KVSplit | None  # a layer's keys or values before a call: none, whole, or in two parts
+
 
 class _OneLayerCache:
     """Stands in for the shared cache during one layer call: past K/V in, new K/V recorded."""
 
-    def __init__(self, past_keys: torch.Tensor | KVSplit | None, past_values: torch.Tensor | KVSplit | None) -> None:
+    def __init__(self, past_keys: PastKV, past_values: PastKV) -> None:
         self.past_keys, self.past_values = past_keys, past_values
         self.new_keys: torch.Tensor | None = None
         self.new_values: torch.Tensor | None = None
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor | KVSplit, torch.Tensor | KVSplit]:
         self.new_keys, self.new_values = keys, values
         return extend_kv(self.past_keys, keys), extend_kv(self.past_values, values)
 
@@ -57,7 +61,7 @@ def _checkpointed_forward(
     layer_idx = attention.layer_idx
     past_keys, past_values = shared.past(layer_idx) if isinstance(shared, LatentKV) else layer_past(shared, layer_idx)
 
-    def run(h: torch.Tensor, pk: Any, pv: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def run(h: torch.Tensor, pk: PastKV, pv: PastKV) -> tuple[Any, torch.Tensor, torch.Tensor]:
         local = _OneLayerCache(pk, pv)
         out = forward(h, *args, **{**kwargs, cache_kw: local})
         return out, local.new_keys, local.new_values
