@@ -86,9 +86,10 @@ def run_layers(
 
 @functools.cache
 def compiled_run_layers(mode: str) -> Callable[..., torch.Tensor]:
-    """run_layers under torch.compile(mode=mode), built on first use. dynamic=True: one graph serves
-    every pass and batch, whatever the cached length (the DynamicCache is traced, not guarded per
-    length); under "reduce-overhead" CUDA graphs are recorded per distinct length."""
+    """run_layers under torch.compile(mode=mode), built on first use. dynamic=True: the graphs serve
+    every batch, whatever the cached length (the cache is traced, not guarded per length; LatentKV
+    says why the first pass has its own); under "reduce-overhead" CUDA graphs are recorded per
+    distinct length."""
     return torch.compile(run_layers, dynamic=True, mode=mode)
 
 
@@ -97,13 +98,14 @@ class LatentKV:
     (hf_compat.KVSplit), the prefix where pass 0 left it and a tail that the latents extend.
 
     DynamicCache.update concatenates the whole past with every new token, and autograd keeps each
-    concatenation (attention saves its K/V): at batch 8 and full size about 0.8 GB for six latents.
+    concatenation (attention saves its K/V): about 0.7 GB for six latents at batch 8, full size, bf16.
     Here only the tail is concatenated; attention reads the two parts (hf_compat.split_attention).
     The tail starts as a copy of the prefix's last two tokens (the prefix is a view of the rest),
     so that at every pass it is a contiguous tensor at least 2 long: torch.compile specializes a
-    graph for the sizes 0 and 1 (and guards strides), and one compiled for the first pass would
-    then not serve the later ones. commit() appends the latents to the DynamicCache for the pass
-    after them.
+    graph for the lengths 0 and 1, and one compiled for those would not serve the later passes.
+    (It also gives equal sizes one symbol: the first pass's tail, 2 long, shares InternVL3-1B's
+    2 K/V heads', so that pass gets its own graph and every later pass and batch shares a second.)
+    commit() appends the latents to the DynamicCache for the pass after them.
     """
 
     SEED = 2  # prefix tokens the tail starts with
