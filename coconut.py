@@ -107,10 +107,15 @@ class CausalLMAdapter:
         return self.model.get_output_embeddings()(hidden)
 
     def latent_stepper(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, compile_mode: str | None = None
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        compile_mode: str | None = None,
     ) -> LatentStepper | None:
-        """The one-token latent passes' fast path for this batch, where the decoder allows (decoder_steps.py)."""
-        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids, compile_mode)
+        """The latent passes' fast path for this batch, where the decoder allows (decoder_steps.py)."""
+        return LatentStepper.create(self.decoder, embeds, attention_mask, position_ids, cache, compile_mode)
 
     def greedy_decoder(
         self,
@@ -297,10 +302,10 @@ class Coconut(nn.Module):
         cache = DynamicCache()
         hiddens: list[torch.Tensor] = []
         length = embeds.shape[1]
-        # Passes 1..n-1 are one column each: driven layer by layer where the decoder allows.
+        # The passes after the first are driven layer by layer where the decoder allows.
         stepper = (
-            self.adapter.latent_stepper(embeds, attention_mask, position_ids, self.compile_latent_passes)
-            if layout.n_passes > 1
+            self.adapter.latent_stepper(embeds, attention_mask, position_ids, cache, self.compile_latent_passes)
+            if layout.n_passes
             else None
         )
         start = 0
@@ -311,10 +316,12 @@ class Coconut(nn.Module):
                 fill = (layout.counts >= p).view(-1, 1, 1)
                 first = torch.where(fill, hiddens[-1][:, -1:], chunk[:, :1])
                 chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            if stepper is not None and 0 < p < layout.n_passes:
-                hiddens.append(stepper(chunk, start, cache))
-            else:
+            if p == 0 or stepper is None:
                 hiddens.append(self.adapter.decode(chunk, attention_mask[:, :end], position_ids[:, start:end], cache))
+            elif p < layout.n_passes:
+                hiddens.append(stepper(chunk, start))
+            else:
+                hiddens.append(stepper.finish(chunk, start))
             start = end
         self.gen_forward_cnt += layout.n_passes + 1
         return hiddens, cache

@@ -6,11 +6,11 @@ decoder forward does a lot of it per call: it rebuilds the attention mask, re-ev
 grows a DynamicCache with torch.cat. For decoders built like Llama/Qwen2 (`layers`, `norm`,
 `rotary_emb`, full attention) the steps here call the layers directly, with RoPE cos/sin for
 every position computed once and the mask sliced or derived on the device, and attention that
-reads the grouped K/V heads as they are (hf_compat.one_token_attention):
+reads the grouped K/V heads as they are (hf_compat.grouped_attention):
 
-- LatentStepper: COCONUT's one-token latent passes in training and in the prompt, on the shared
-  DynamicCache (autograd flows through it as before), with no host sync per pass; optionally
-  compiled (Coconut.compile_latent_passes: a torch.compile mode).
+- LatentStepper: COCONUT's latent passes after the prefix, in training and in the prompt, with no
+  host sync per pass and no copy of the cache kept for the backward per pass (LatentKV); the
+  one-token passes optionally compiled (Coconut.compile_latent_passes: a torch.compile mode).
 - StaticGreedyDecoder: greedy decoding on K/V buffers preallocated for the whole generation; the
   next token is picked on the device, so a step has no host sync and the same shapes and
   addresses every time. Steps queue without waiting for the GPU and can be replayed as one
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from hf_compat import cache_keyword, layer_past, one_token_attention
+from hf_compat import KVSplit, cache_keyword, extend_kv, grouped_attention, grouped_rows_mask, layer_past
 
 
 @dataclasses.dataclass
@@ -86,29 +86,88 @@ def run_layers(
 
 @functools.cache
 def compiled_run_layers(mode: str) -> Callable[..., torch.Tensor]:
-    """run_layers under torch.compile(mode=mode), built on first use. dynamic=True: one graph serves
-    every pass and batch, whatever the cached length (the DynamicCache is traced, not guarded per
-    length); under "reduce-overhead" CUDA graphs are recorded per distinct length."""
+    """run_layers under torch.compile(mode=mode), built on first use. dynamic=True: the graphs serve
+    every batch, whatever the cached length (the cache is traced, not guarded per length; LatentKV
+    says why the first pass has its own); under "reduce-overhead" CUDA graphs are recorded per
+    distinct length."""
     return torch.compile(run_layers, dynamic=True, mode=mode)
 
 
-class LatentStepper:
-    """One-token passes at given columns of a batch, on the batch's DynamicCache.
+class LatentKV:
+    """The batch's DynamicCache as the one-token latent passes see it: each layer's K/V in two parts
+    (hf_compat.KVSplit), the prefix where pass 0 left it and a tail that the latents extend.
 
-    Built once per forward: RoPE for every position and the padding mask [B, 1, 1, L] (True =
-    attend), or no mask when nothing is padded, as transformers does (its sdpa then picks a kernel
-    without a mask input). Either way attention reads the K/V heads grouped (one_token_attention).
-    With compile_mode (a torch.compile mode), passes that record gradients run the layers compiled
-    (fused kernels; with "reduce-overhead", CUDA graphs); passes without gradients stay eager and
-    need no compile.
+    DynamicCache.update concatenates the whole past with every new token, and autograd keeps each
+    concatenation (attention saves its K/V): about 0.7 GB for six latents at batch 8, full size, bf16.
+    Here only the tail is concatenated; attention reads the two parts (hf_compat.split_attention).
+    The tail starts as a copy of the prefix's last two tokens (the prefix is a view of the rest),
+    so that at every pass it is a contiguous tensor at least 2 long: torch.compile specializes a
+    graph for the lengths 0 and 1, and one compiled for those would not serve the later passes.
+    (It also gives equal sizes one symbol: the first pass's tail, 2 long, shares InternVL3-1B's
+    2 K/V heads', so that pass gets its own graph and every later pass and batch shares a second.)
+    commit() appends the latents to the DynamicCache for the pass after them.
+    """
+
+    SEED = 2  # prefix tokens the tail starts with
+
+    def __init__(self, cache: DynamicCache, n_layers: int) -> None:
+        self.cache = cache
+        self.parts: list[tuple[KVSplit, KVSplit]] = []
+        for idx in range(n_layers):
+            keys, values = layer_past(cache, idx)
+            if keys is None or values is None:
+                raise ValueError(f"the prefix pass left no keys for decoder layer {idx}")
+            cut = max(keys.shape[2] - self.SEED, 0)
+            self.parts.append((KVSplit(keys[:, :, :cut], keys[:, :, cut:].contiguous()),
+                               KVSplit(values[:, :, :cut], values[:, :, cut:].contiguous())))
+        self.seeded = self.parts[0][0].tail.shape[2]
+
+    def past(self, layer_idx: int) -> tuple[KVSplit, KVSplit]:
+        """The layer's K/V before the next token, in two parts."""
+        return self.parts[layer_idx]
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[KVSplit, KVSplit]:
+        past_keys, past_values = self.parts[layer_idx]
+        self.parts[layer_idx] = (extend_kv(past_keys, keys), extend_kv(past_values, values))
+        return self.parts[layer_idx]
+
+    def commit(self) -> None:
+        """Append the latents' K/V to the DynamicCache (one concatenation per layer)."""
+        for idx, (keys, values) in enumerate(self.parts):
+            self.cache.update(keys.tail[:, :, self.seeded :], values.tail[:, :, self.seeded :], idx)
+
+
+class LatentStepper:
+    """The latent passes after the prefix of one batch, driving the decoder's layers directly.
+
+    Built once per forward on the batch's DynamicCache, which pass 0 (the decoder's own forward)
+    filled with the prefix: RoPE for every position and the padding mask [B, 1, 1, L] (True =
+    attend), or no mask when nothing is padded, as transformers does (its sdpa then picks a
+    kernel without a mask input). One-token passes (`__call__`) read the prefix K/V where they lie
+    (LatentKV); the last pass (`finish`) appends the latents to the cache and runs the rest of the
+    sequence. Attention reads the K/V heads grouped (hf_compat.grouped_attention): the one-token
+    passes keep no copy of the cache for the backward, and the last pass keeps one, unrepeated (the
+    plain step keeps the same of its one pass). With compile_mode (a torch.compile mode),
+    one-token passes that record gradients run the layers compiled (fused kernels; with
+    "reduce-overhead", CUDA graphs); the rest stays eager.
     """
 
     def __init__(
-        self, decoder: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor, compile_mode: str | None
+        self,
+        decoder: nn.Module,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        cache: DynamicCache,
+        compile_mode: str | None,
     ) -> None:
         self.decoder = decoder
         self.cos, self.sin = rope
         self.mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        self.cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        self.cache = cache
+        self.latents: LatentKV | None = None  # built at the first one-token pass, once pass 0 filled the cache
         self.cache_kw = cache_keyword(type(decoder.layers[0]).forward)
         self.run = compiled_run_layers(compile_mode) if compile_mode and torch.is_grad_enabled() else run_layers
 
@@ -119,18 +178,40 @@ class LatentStepper:
         embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
+        cache: DynamicCache,
         compile_mode: str | None = None,
     ) -> LatentStepper | None:
-        """A stepper for this batch, or None where the layers cannot be driven directly."""
-        rope = rope_table(decoder, embeds, position_ids) if drivable(decoder) else None
-        return None if rope is None else cls(decoder, rope, attention_mask, compile_mode)
+        """A stepper for this batch, or None where the layers cannot be driven directly (or attention
+        is not sdpa, the only kind whose function reads K/V in two parts)."""
+        sdpa = decoder.config._attn_implementation == "sdpa"
+        rope = rope_table(decoder, embeds, position_ids) if sdpa and drivable(decoder) else None
+        return None if rope is None else cls(decoder, rope, attention_mask, cache, compile_mode)
 
-    def __call__(self, hidden: torch.Tensor, column: int, cache: DynamicCache) -> torch.Tensor:
-        """Post-norm last hidden state of column `column` (its input embedding: hidden [B, 1, H])."""
+    def __call__(self, hidden: torch.Tensor, column: int) -> torch.Tensor:
+        """Post-norm last hidden state of column `column`, a latent (its input embedding: hidden [B, 1, H])."""
         rope = (self.cos[:, column : column + 1], self.sin[:, column : column + 1])
         mask = None if self.mask is None else self.mask[..., : column + 1]
-        with one_token_attention(self.decoder.config):
-            return self.run(self.decoder, hidden, rope, mask, cache, self.cache_kw)
+        if self.latents is None:
+            self.latents = LatentKV(self.cache, len(self.decoder.layers))
+        with grouped_attention(self.decoder.config):
+            return self.run(self.decoder, hidden, rope, mask, self.latents, self.cache_kw)
+
+    def finish(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Post-norm last hidden states of columns start.. (inputs hidden [B, T, H]), after the latents."""
+        if self.latents is not None:
+            self.latents.commit()
+        end = start + hidden.shape[1]
+        rope = (self.cos[:, start:end], self.sin[:, start:end])
+        allowed = (self.cols[:end] <= self.cols[start:end, None])[None, None]  # (1, 1, T, end): causal
+        if self.mask is not None:
+            allowed = allowed & self.mask[..., :end]
+        config = self.decoder.config
+        device = hidden.device.type
+        # the dtype sdpa computes in: autocast's, else that of the rotated queries (RoPE's)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.cos.dtype
+        mask = grouped_rows_mask(allowed, config.num_attention_heads // config.num_key_value_heads, dtype)
+        with grouped_attention(config):
+            return run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
 
 
 class StaticKV:
@@ -263,7 +344,7 @@ class StaticGreedyDecoder(GreedyDecoder):
         hidden = self.lm.embed_tokens(self.tokens.index_select(1, t))
         rope = (self.cos.index_select(1, t), self.sin.index_select(1, t))
         mask = (self.valid & (self.cols <= self.column))[:, None, None, :]
-        with one_token_attention(self.decoder.config):
+        with grouped_attention(self.decoder.config):
             hidden = run_layers(self.decoder, hidden, rope, mask, self.cache, self.cache_kw)
         self._emit(self.lm.head(hidden[:, -1]), t + 1)
         self.column.add_(1)

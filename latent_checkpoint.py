@@ -6,7 +6,8 @@ layer that appends to the shared cache appends K/V a second time when it recompu
 Here each checkpointed layer call gets its own one-layer cache holding exactly the past K/V it
 saw (passed in as checkpoint inputs) and returns its new K/V; they are appended to the shared
 cache outside the checkpointed region (docs/design.md §5). The recomputation runs the attention
-function the forward ran (one-token steps switch it, hf_compat.one_token_attention).
+function the forward ran (decoder_steps switches it, hf_compat.grouped_attention). In the one-token
+latent passes the past K/V are the prefix and the latents, in two parts (decoder_steps.LatentKV).
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hf_compat import attention_implementation, cache_keyword, layer_past
+from decoder_steps import LatentKV
+from hf_compat import KVSplit, attention_implementation, cache_keyword, extend_kv, layer_past
+
+PastKV = torch.Tensor | KVSplit | None  # a layer's keys or values before a call: none, whole, or in two parts
 
 
 class _OneLayerCache:
     """Stands in for the shared cache during one layer call: past K/V in, new K/V recorded."""
 
-    def __init__(self, past_keys: torch.Tensor | None, past_values: torch.Tensor | None) -> None:
+    def __init__(self, past_keys: PastKV, past_values: PastKV) -> None:
         self.past_keys, self.past_values = past_keys, past_values
         self.new_keys: torch.Tensor | None = None
         self.new_values: torch.Tensor | None = None
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor | KVSplit, torch.Tensor | KVSplit]:
         self.new_keys, self.new_values = keys, values
-        if self.past_keys is None:
-            return keys, values
-        return torch.cat([self.past_keys, keys], dim=-2), torch.cat([self.past_values, values], dim=-2)
+        return extend_kv(self.past_keys, keys), extend_kv(self.past_values, values)
 
 
 def _checkpointed_forward(
@@ -55,9 +59,9 @@ def _checkpointed_forward(
     if shared is None:
         return checkpoint(forward, hidden_states, *args, use_reentrant=False, **contexts, **kwargs)
     layer_idx = attention.layer_idx
-    past_keys, past_values = layer_past(shared, layer_idx)
+    past_keys, past_values = shared.past(layer_idx) if isinstance(shared, LatentKV) else layer_past(shared, layer_idx)
 
-    def run(h: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def run(h: torch.Tensor, pk: PastKV, pv: PastKV) -> tuple[Any, torch.Tensor, torch.Tensor]:
         local = _OneLayerCache(pk, pv)
         out = forward(h, *args, **{**kwargs, cache_kw: local})
         return out, local.new_keys, local.new_values

@@ -403,18 +403,21 @@ def _sync(device: str) -> None:
 def timed(fn: Callable[[], Any], args: argparse.Namespace, profile: bool = False) -> tuple[dict[str, Any], Any]:
     """Median/min/max wall ms of fn over --iters after --warmup runs, and fn's last result.
 
+    cpu_ms_median is the process's CPU time per run (all threads): on a GPU the host work, on a
+    CPU shared with other jobs a figure their load disturbs less than the wall clock.
     With profile (--profile), one more run under torch.profiler adds a "profile" entry.
     """
-    times = []
+    times, cpu_times = [], []
     for i in range(args.warmup + args.iters):
         _sync(args.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn()
         _sync(args.device)
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
     timing: dict[str, Any] = {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
-                              "ms_max": round(max(times), 3)}
+                              "ms_max": round(max(times), 3), "cpu_ms_median": round(statistics.median(cpu_times), 3)}
     if profile:
         timing["profile"] = profile_run(fn, args.device, args.profile_top)
     return timing, result
@@ -463,13 +466,16 @@ def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd keeps for the backward of one loss (then freed).
 
     A memory figure a CPU can measure: the activations that peak_mem_gib (GPU only) mostly is.
+    The hook keeps a detached alias: it holds the storage (so no address is reused and counted
+    twice) without the tensor's grad_fn. Keeping the tensor itself would tie every saved output
+    to its own node, a cycle that outlives the call and keeps the whole graph alive.
     """
     sizes: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss_fn()
@@ -655,6 +661,8 @@ def summary(lines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ):
         if slow in ok and base in ok:
             out[f"{slow}_over_{base}_{name}"] = round(ok[slow][key] / ok[base][key], 3)
+            if key == "ms_median":
+                out[f"{slow}_over_{base}_cpu_ms"] = round(ok[slow]["cpu_ms_median"] / ok[base]["cpu_ms_median"], 3)
             for mem in ("peak_mem_gib", "saved_gib"):
                 if ok[slow].get(mem) is not None and ok[base].get(mem):
                     out[f"{slow}_over_{base}_{mem.removesuffix('_gib')}"] = round(ok[slow][mem] / ok[base][mem], 3)

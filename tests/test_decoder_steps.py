@@ -12,7 +12,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from coconut import Coconut
 from dataset import MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
-from hf_compat import ONE_TOKEN_SDPA
+from hf_compat import GROUPED_SDPA, KVSplit, grouped_rows_mask
 from latent_checkpoint import enable_latent_checkpointing
 from tests.latent_reference import reference_forward
 from tests.test_coconut_text import (
@@ -191,7 +191,8 @@ def test_unpadded_batch_runs_without_a_mask_and_equals_reference():
     model = dynamic_rope_lm(seed=12)
     ref_loss, _ = reference_forward(model, LATENT, **batch)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    stepper = coconut.adapter.latent_stepper(model.get_input_embeddings()(batch["input_ids"]), batch["attention_mask"], batch["position_ids"])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"], DynamicCache())
     assert stepper is not None and stepper.mask is None
     torch.testing.assert_close(coconut(**batch).loss, ref_loss, rtol=1e-5, atol=1e-6)
 
@@ -201,17 +202,24 @@ class _Attention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("padded", [True, False])
-def test_one_token_attention_equals_repeated_heads(padded):
-    """The grouped one-token attention gives sdpa over K/V repeated per query head: output and grads."""
+@pytest.mark.parametrize("tokens,split", [(1, False), (1, True), (3, False)])
+def test_grouped_attention_equals_repeated_heads(tokens, split, padded):
+    """The grouped attention gives sdpa over K/V repeated per query head: output and grads, for one
+    token (K/V whole or as prefix + tail) and for several (mask laid out per group)."""
     torch.manual_seed(13)
-    query = torch.randn(3, 4, 1, 8, requires_grad=True)
+    query = torch.randn(3, 4, tokens, 8, requires_grad=True)
     key, value = (torch.randn(3, 2, 9, 8, requires_grad=True) for _ in range(2))
-    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
-    mask[0, ..., :4] = False
-    mask = mask if padded else None
-    ours, _ = ALL_ATTENTION_FUNCTIONS[ONE_TOKEN_SDPA](_Attention(), query, key, value, mask, scaling=0.3)
+    allowed = torch.ones(3, 1, tokens, 9, dtype=torch.bool)
+    allowed[..., 9 - tokens :] = torch.ones(tokens, tokens, dtype=torch.bool).tril()  # causal among the new tokens
+    if padded:
+        allowed[0, ..., :4] = False
+    mask = allowed if padded or tokens > 1 else None
+    if tokens > 1:
+        mask = grouped_rows_mask(allowed, 2, torch.float32)
+    k, v = (KVSplit(t[:, :, :6], t[:, :, 6:]) if split else t for t in (key, value))
+    ours, _ = ALL_ATTENTION_FUNCTIONS[GROUPED_SDPA](_Attention(), query, k, v, mask, scaling=0.3)
     reference = F.scaled_dot_product_attention(
-        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask, scale=0.3
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=allowed, scale=0.3
     ).transpose(1, 2)
     torch.testing.assert_close(ours, reference)
     weights = torch.randn_like(ours)
@@ -221,23 +229,23 @@ def test_one_token_attention_equals_repeated_heads(padded):
         torch.testing.assert_close(a, b)
 
 
-def test_one_token_steps_keep_kv_heads_grouped():
-    """On a padded batch, neither the latent passes (their K/V are kept for the backward) nor the
-    decode steps repeat K/V per query head; the multi-token passes may (transformers' sdpa).
-    transformers 5.24 keeps one token's heads grouped itself (eager); under 5.17 this test fails
-    without hf_compat.one_token_attention."""
+def test_latent_and_decode_steps_keep_kv_heads_grouped():
+    """On a padded batch, neither the latent passes after the prefix (their K/V are kept for the
+    backward) nor the decode steps repeat K/V per query head; the prefix pass may (transformers'
+    sdpa). transformers 5.24 keeps one token's heads grouped itself (eager), not several tokens'."""
     model = tiny_lm(seed=14)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9], 3, [12, EOS])])
     batch.pop("idx")
     assert not bool(batch["attention_mask"].all())
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"])
-    column = int((batch["input_ids"][0] == LATENT).nonzero()[0])
     cache = DynamicCache(config=model.config)
+    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"], cache)
+    column = int((batch["input_ids"][0] == LATENT).nonzero()[0])
     coconut.adapter.decode(embeds[:, :column], batch["attention_mask"][:, :column], batch["position_ids"][:, :column], cache)
     with RepeatedKV() as repeats:
-        hidden = stepper(embeds[:, column : column + 1], column, cache)
+        hidden = stepper(embeds[:, column : column + 1], column)
+        hidden = stepper.finish(embeds[:, column + 1 :], column + 1)
         hidden.sum().backward()
     assert repeats.count == 0
     with torch.no_grad():
@@ -245,3 +253,33 @@ def test_one_token_steps_keep_kv_heads_grouped():
         with RepeatedKV() as repeats:
             run(decoder, 5)
     assert repeats.count == 0
+
+
+def saved_bytes(loss_fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of loss_fn()."""
+    sizes = {}
+
+    def pack(tensor):
+        sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss_fn()
+    return sum(sizes.values())
+
+
+def test_latent_passes_keep_no_copy_of_the_cache():
+    """A latent pass adds about one token's activations to what autograd keeps, not a copy of the
+    cached K/V. Each concatenation that DynamicCache.update makes is kept by attention: one copy of
+    the K and V of the whole prefix per layer and pass, which is what 4 more latents would add here."""
+    model = tiny_lm(seed=15)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    question = [(7 * i) % 50 + 1 for i in range(250)]
+    saved = []
+    for n in (2, 6):
+        batch = MyCollator(PAD, LATENT)([sample(question, n, [10, 11, EOS]), sample(question[3:], n, [12, EOS])])
+        batch.pop("idx")
+        saved.append(saved_bytes(lambda: coconut(**batch).loss))
+    # one layer's K and V over the 253-token prefix: 2 tensors x 2 samples x 2 K/V heads x 253 x 8 x 4 bytes
+    one_copy = 2 * 2 * 2 * 253 * 8 * 4
+    assert 0 < saved[1] - saved[0] < 4 * one_copy  # 4 more passes over 2 layers: 8 copies and more before
