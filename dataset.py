@@ -121,17 +121,36 @@ def _latent_block(n_latent: int, ids: LatentIds, markers: bool) -> list[int]:
     return [ids.start] + [ids.latent] * n_latent + [ids.end]
 
 
+def training_latents(n_steps: int, stage: int, config: Config) -> tuple[int, int]:
+    """(steps dropped from the text, latent tokens) of a training sample at a stage: the original's rule.
+
+    Up to max_latent_stage, `stage` steps become `stage` latent steps (even past the sample's own
+    step count); beyond it every step is dropped and the latents stay at max_latent_stage (or the
+    sample's step count without pad_latent_to_max). no_cot drops every step and has no latents.
+    The dropped count is at most n_steps; latent tokens are latent steps × c_thought.
+    """
+    if config.method == "no_cot":
+        return n_steps, 0
+    if stage > config.max_latent_stage:
+        n_latent = config.max_latent_stage if config.pad_latent_to_max else min(n_steps, config.max_latent_stage)
+        return n_steps, n_latent * config.thoughts_per_step
+    return min(stage, n_steps), stage * config.thoughts_per_step
+
+
+def prompt_latents(n_steps: int, stage: int, config: Config) -> int:
+    """Latent tokens of an evaluation prompt at a stage (the original's get_question_latent_dataset).
+
+    Capped at the sample's step count unless pad_latent_to_max; none under no_cot.
+    """
+    if config.method == "no_cot":
+        return 0
+    max_stage = config.max_latent_stage if config.pad_latent_to_max else min(config.max_latent_stage, n_steps)
+    return min(max_stage, stage) * config.thoughts_per_step
+
+
 def cot_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: LatentIds) -> dict[str, Any]:
     """One training sample at a curriculum stage: first `stage` steps → latents (original semantics)."""
-    n_steps = len(sample["steps_tokenized"])
-    if stage > config.max_latent_stage:
-        n_skip = n_steps
-        n_latent = config.max_latent_stage if config.pad_latent_to_max else min(n_steps, config.max_latent_stage)
-    else:
-        n_skip = n_latent = stage
-    if config.method == "no_cot":
-        n_skip, n_latent = n_steps, 0
-    n_latent *= config.thoughts_per_step
+    n_skip, n_latent = training_latents(len(sample["steps_tokenized"]), stage, config)
     prefix = sample["question_tokenized"] + _latent_block(n_latent, ids, config.uses_markers)
     steps = list(itertools.chain.from_iterable(sample["steps_tokenized"][n_skip:]))
     tokens = prefix + steps + sample["answer_tokenized"]
@@ -164,9 +183,7 @@ def get_cot_latent_dataset(
 
 def question_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: LatentIds) -> dict[str, Any]:
     """Generation prompt for a stage: question + latents (+ markers), nothing of the answer."""
-    n_steps = len(sample["steps_tokenized"])
-    max_stage = config.max_latent_stage if config.pad_latent_to_max else min(config.max_latent_stage, n_steps)
-    n_latent = 0 if config.method == "no_cot" else min(max_stage, stage) * config.thoughts_per_step
+    n_latent = prompt_latents(len(sample["steps_tokenized"]), stage, config)
     tokens = sample["question_tokenized"] + _latent_block(n_latent, ids, config.uses_markers)
     return {
         "input_ids": tokens,

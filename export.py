@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from checkpoint import TMP_PREFIX, CheckpointError, model_dir_of
+from dataset import prompt_latents
 from lora import has_adapter, merge_adapter
 from model_setup import load_base_model, load_processor, tokenizer_of
 from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
@@ -149,9 +150,8 @@ def configure_processor(processor: Any, run: SavedRun) -> None:
 def export_readme(run: SavedRun, dtype: str) -> str:
     """What the export is, what it keeps from the run, and what serving it without the latent loop does."""
     config = run.config
-    stage_latents = min(run.stage, config.max_latent_stage) * config.thoughts_per_step
-    if config.method == "no_cot":
-        stage_latents = 0
+    # a question of unknown steps gets the stage's full count (inference.Inference.ask does the same)
+    stage_latents = prompt_latents(config.max_latent_stage, run.stage, config)
     tiling = (f"images tiled to at most {config.max_tiles} tiles of {config.image_size} px (plus a thumbnail)"
               if config.multimodal else "text only")
     return f"""# COCONUT-VL export

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from dataset import training_latents
 from utils import Config
 
 
@@ -74,16 +75,6 @@ def gold_cot(record: dict[str, Any]) -> str:
     return "\n".join(record["steps"])
 
 
-def steps_in_latents(n_steps: int, stage: int, config: Config) -> int:
-    """How many leading steps a sample at this stage turns into latents (dataset.cot_latent_sample's rule).
-
-    cot stays at stage 0 (none); no_cot and stages past max_latent_stage drop every step.
-    """
-    if config.method == "no_cot" or stage > config.max_latent_stage:
-        return n_steps
-    return min(stage, n_steps)
-
-
 def written_cot(generation: str) -> str:
     """The reasoning a generation writes out: its text before the first '#', stripped."""
     return generation.split("#")[0].strip()
@@ -92,4 +83,4 @@ def written_cot(generation: str) -> str:
 def written_cot_gold(record: dict[str, Any], stage: int, config: Config) -> str:
     """The steps a sample at this stage is trained to write out, as the generation would show them."""
     steps = record["steps"]
-    return "\n".join(steps[steps_in_latents(len(steps), stage, config):]).strip()
+    return "\n".join(steps[training_latents(len(steps), stage, config)[0]:]).strip()

@@ -35,8 +35,8 @@ from scoring import (
     gold_answer,
     gold_cot,
     original_cot,
-    steps_in_latents,
     written_cot,
+    written_cot_gold,
 )
 from utils import config_from_dict
 
@@ -84,18 +84,20 @@ def test_decoding_keeps_the_latent_markers_and_skips_other_special_tokens(tiny_m
     assert tokenizer.decode(prompt, skip_special_tokens=True) == "Q?\n"  # they are special tokens here
 
 
-def test_steps_in_latents_follows_the_training_samples():
+def test_the_written_cot_reference_is_what_the_training_sample_writes():
     """The corrected CoT's reference (the steps written out) is what cot_latent_sample trains to write."""
     ids = LatentIds(900, 901, 902)
     steps = [[10, 11], [12], [13, 14, 15]]
+    names = {10: "s0", 12: "s1", 13: "s2"}  # each step's first token names its text
+    record = {"question": "q", "steps": ["s0", "s1", "s2"], "answer": "a"}
     sample = {"question_tokenized": [1, 2], "steps_tokenized": steps, "answer_tokenized": [7, 8], "idx": 0}
     for method in ("coconut", "cot", "no_cot", "no_thoughts"):
         for pad in (False, True):
             config = _config(**{method: True, "max_latent_stage": 2, "pad_latent_to_max": pad})
             for stage in range(5):
                 labels = [x for x in cot_latent_sample(sample, stage, config, ids)["labels"] if x != -100]
-                skipped = steps_in_latents(len(steps), stage, config)
-                assert labels == [x for s in steps[skipped:] for x in s] + [7, 8], (method, pad, stage)
+                written = "\n".join(names[x] for x in labels if x in names)
+                assert written_cot_gold(record, stage, config) == written, (method, pad, stage)
 
 
 # --- end to end through the evaluation function -----------------------------------------------
