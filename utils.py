@@ -107,7 +107,7 @@ class Config:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 0.0
     batch_size_eval: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # None: the original's rule, 64 if "gsm" is in val_path, else 128
     decode_cuda_graph: bool = False
     num_workers: int = 1
     # --- checkpoints -----------------------------------------------------------------------
@@ -123,6 +123,8 @@ class Config:
             self.model_id = DEFAULT_MULTIMODAL_MODEL
         if self.load_model_path in ("None", ""):
             self.load_model_path = None
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 64 if "gsm" in (self.val_path or "") else 128
 
     @property
     def method(self) -> str:

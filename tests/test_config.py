@@ -30,6 +30,14 @@ def test_original_keys_keep_their_meaning():
     assert config_from_dict({**BASE, "no_thoughts": True}).thoughts_per_step == 0
 
 
+def test_max_new_tokens_defaults_to_the_originals_rule():
+    """The original's run.py (main, before training) decodes 64 new tokens when "gsm" is in val_path, 128
+    otherwise; it has no key for it. A given value stays."""
+    assert config_from_dict({**BASE, "val_path": "data/gsm_valid.json"}).max_new_tokens == 64
+    assert config_from_dict({**BASE, "val_path": "data/prontoqa_valid.json"}).max_new_tokens == 128
+    assert config_from_dict({**BASE, "val_path": "data/gsm_valid.json", "max_new_tokens": 200}).max_new_tokens == 200
+
+
 def test_multimodal_defaults_to_internvl3_pretrained():
     config = config_from_dict({"multimodal": True, "image_dir": "i", "train_path": "t", "val_path": "v"})
     assert config.model_id == DEFAULT_MULTIMODAL_MODEL == "OpenGVLab/InternVL3-1B-Pretrained"
