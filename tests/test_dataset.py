@@ -146,7 +146,7 @@ def test_collator_aligns_first_latent_column(tok, data_file):
     feats = get_cot_latent_dataset(2, base, config, IDS)
     feats.append(get_cot_latent_dataset(0, base[:1], cfg(cot=True), IDS)[0])  # no latents at all
     batch = MyCollator(tok.pad_token_id, IDS.latent)(feats)
-    ids, mask, pos, labels = batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"]
+    ids, mask, pos, labels = batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels
     columns = {row.tolist().index(IDS.latent) for row in ids[:4]}
     assert len(columns) == 1  # every sample's first latent in one column
     for row, f in enumerate(feats):
