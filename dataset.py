@@ -71,7 +71,9 @@ class Batch:
             if max(self.latent_counts, default=0) and (
                 self.latent_column is None or self.latent_column + max(self.latent_counts) > shape[1]
             ):
-                raise LatentLayoutError(f"Batch: latents from column {self.latent_column} do not fit {shape[1]} columns")
+                raise LatentLayoutError(
+                    f"Batch: latents from column {self.latent_column} do not fit {shape[1]} columns"
+                )
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """The batch with its tensors on device, except idx, which stays on the host.

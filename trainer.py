@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 from coconut import Coconut
-from dataset import Batch, MyCollator, drop_overlong, get_cot_latent_dataset, get_question_latent_dataset, load_records, tokenize_records
+from dataset import (
+    Batch,
+    MyCollator,
+    drop_overlong,
+    get_cot_latent_dataset,
+    get_question_latent_dataset,
+    load_records,
+    tokenize_records,
+)
 from distributed import (
     DistInfo,
     all_reduce_host,
