@@ -34,8 +34,6 @@ from hf_compat import cache_keyword
 
 IGNORE_INDEX = -100
 
-__all__ = ["Batch", "Coconut", "ImageFeatureMismatch", "LatentLayoutError", "Outputs", "Thoughts", "make_adapter"]
-
 
 class ImageFeatureMismatch(ValueError):
     """A sample's <IMG_CONTEXT> placeholders do not match its image tiles."""
@@ -224,8 +222,9 @@ class Coconut(nn.Module):
     """Wraps a causal LM (or InternVL) with COCONUT's latent loop.
 
     The constructor keeps the original's positional arguments (base_causallm, latent_token_id,
-    start_latent_id, end_latent_id, eos_token_id); what the original has no word for comes after as
-    keyword-only options, fixed at construction (nothing is set on the instance afterwards):
+    start_latent_id, end_latent_id, eos_token_id), then pad_token_id (default: eos); what the original
+    has no word for comes after as keyword-only options, fixed at construction (nothing is set on the
+    instance afterwards):
 
     - feed_thoughts: False runs pause as thought: <|latent|> tokens stay ordinary input tokens and
       one pass runs the plain causal LM over the whole sequence, as the original runs it without
