@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from dataset import Batch, LatentLayoutError
 from decoder_steps import (
     CacheGreedyDecoder,
     GreedyDecoder,
@@ -32,10 +33,6 @@ from decoder_steps import (
 from hf_compat import cache_keyword
 
 IGNORE_INDEX = -100
-
-
-class LatentLayoutError(ValueError):
-    """Latent tokens that are not one contiguous run starting at a shared column."""
 
 
 class ImageFeatureMismatch(ValueError):
@@ -58,10 +55,11 @@ class Thoughts:
 
 @dataclasses.dataclass
 class Outputs:
-    """What forward returns. logits are full-vocabulary only when return_logits=True."""
+    """What forward returns. logits (B, L, V) only when return_logits=True; inputs_embeds (B, L, H), the
+    input embeddings with every latent replaced by its thought, only when return_filled_embeds=True."""
 
     loss: torch.Tensor
-    inputs_embeds: torch.Tensor
+    inputs_embeds: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     num_label_tokens: torch.Tensor | None = None
     thought_norm: torch.Tensor | None = None
@@ -83,7 +81,7 @@ class CausalLMAdapter:
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
-        num_patches_list: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
         synced_gpus: bool = False,
     ) -> torch.Tensor:
         if pixel_values is not None:
@@ -151,7 +149,7 @@ class InternVLAdapter(CausalLMAdapter):
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
-        num_patches_list: torch.Tensor | None = None,
+        num_patches: torch.Tensor | None = None,
         synced_gpus: bool = False,
     ) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids)
@@ -167,14 +165,14 @@ class InternVLAdapter(CausalLMAdapter):
             expected = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
             _check_placeholders(placeholders, expected)
             return embeds
-        if num_patches_list is None:
+        if num_patches is None:
             if input_ids.shape[0] != 1:
-                raise ValueError("num_patches_list is required for a batch of more than one sample with images")
-            num_patches_list = torch.tensor([pixel_values.shape[0]])
-        num_patches_list = torch.as_tensor(num_patches_list)
-        if int(num_patches_list.sum()) != pixel_values.shape[0]:
+                raise ValueError("num_patches is required for a batch of more than one sample with images")
+            num_patches = torch.tensor([pixel_values.shape[0]])
+        num_patches = torch.as_tensor(num_patches)
+        if int(num_patches.sum()) != pixel_values.shape[0]:
             raise ImageFeatureMismatch(
-                f"num_patches_list sums to {int(num_patches_list.sum())} tiles but pixel_values has {pixel_values.shape[0]}"
+                f"num_patches sums to {int(num_patches.sum())} tiles but pixel_values has {pixel_values.shape[0]}"
             )
         features = self._image_features(pixel_values)
         if features.shape[1] != self.tokens_per_tile:
@@ -182,7 +180,7 @@ class InternVLAdapter(CausalLMAdapter):
                 f"the vision tower gives {features.shape[1]} features per tile, the prompt has "
                 f"{self.tokens_per_tile} <IMG_CONTEXT> per tile: pixel_values are not image_size tiles"
             )
-        _check_placeholders(placeholders, num_patches_list.to(input_ids.device) * self.tokens_per_tile)
+        _check_placeholders(placeholders, num_patches.to(input_ids.device) * self.tokens_per_tile)
         # masked_scatter fills positions in row-major order: sample 0's placeholders first, which is
         # the order in which the collator concatenated the tiles.
         return embeds.masked_scatter(placeholders.unsqueeze(-1), features.to(embeds.dtype))
@@ -213,18 +211,36 @@ def make_adapter(model: nn.Module) -> CausalLMAdapter:
 
 @dataclasses.dataclass
 class _Layout:
-    """Where the latents are: host ints, computed with one device sync per forward."""
+    """Where the latents are: host ints (from the collator, or one device sync per forward)."""
 
     column: int  # first latent column (shared by every sample that has latents)
     n_passes: int  # latent passes before the final one (= max latents, or more when ranks sync)
-    counts: torch.Tensor  # latents per sample, on device
+    counts: torch.Tensor  # (B,) latents per sample, on device
 
 
 class Coconut(nn.Module):
     """Wraps a causal LM (or InternVL) with COCONUT's latent loop.
 
-    Keeps the original constructor and forward/generate signatures so recipes and user code
-    written for the text-only COCONUT stay familiar.
+    The constructor keeps the original's positional arguments (base_causallm, latent_token_id,
+    start_latent_id, end_latent_id, eos_token_id), then pad_token_id (default: eos); what the original
+    has no word for comes after as keyword-only options, fixed at construction (nothing is set on the
+    instance afterwards):
+
+    - feed_thoughts: False runs pause as thought: <|latent|> tokens stay ordinary input tokens and
+      one pass runs the plain causal LM over the whole sequence, as the original runs it without
+      the Coconut wrapper.
+    - synced_gpus: several ranks run FSDP: every rank runs as many latent passes and decode steps
+      as the busiest one (the collectives must match). The original's generate takes it per call;
+      here forward needs it too, so the model holds it.
+    - compile_latent_passes: a torch.compile mode ("default", "reduce-overhead") for the one-token
+      latent passes of training steps (decoder_steps.LatentStepper); None keeps them eager.
+    - decode_cuda_graph: generate's default for cuda_graph.
+
+    The original's forward(input_ids, attention_mask, labels, position_ids, **kwargs) and
+    generate(input_ids, attention_mask, max_new_tokens, ...) take loose tensors and swallow
+    unknown keys. Here forward(batch) and generate(batch, ...) take one dataset.Batch with the same
+    tensors as named, shape-checked fields (plus the images and the latent layout the collator
+    found): a batch of the wrong kind fails at once instead of a key being silently ignored.
     """
 
     def __init__(
@@ -235,12 +251,14 @@ class Coconut(nn.Module):
         end_latent_id: int,
         eos_token_id: int,
         pad_token_id: int | None = None,
+        *,
         feed_thoughts: bool = True,
+        synced_gpus: bool = False,
+        compile_latent_passes: str | None = None,
+        decode_cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.base_causallm = base_causallm
-        # False: pause as thought. <|latent|> tokens stay ordinary input tokens and one pass runs the
-        # plain causal LM over the whole sequence, as the original runs it without the Coconut wrapper.
         self.feed_thoughts = feed_thoughts
         self.latent_token_id = latent_token_id
         self.start_latent_id = start_latent_id
@@ -248,22 +266,38 @@ class Coconut(nn.Module):
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
         self.adapter = make_adapter(base_causallm)
-        # Set by the trainer when several ranks run FSDP: every rank then runs the same passes.
-        self.synced_gpus = False
-        # A torch.compile mode ("default", "reduce-overhead") for the one-token latent passes of
-        # training steps (decoder_steps.LatentStepper); None keeps them eager.
-        self.compile_latent_passes: str | None = None
-        # generate's default for cuda_graph (set by the trainer from the config).
-        self.decode_cuda_graph = False
+        self.synced_gpus = synced_gpus
+        self.compile_latent_passes = compile_latent_passes
+        self.decode_cuda_graph = decode_cuda_graph
         self.gen_forward_cnt = 0
 
     # ------------------------------------------------------------------------------------------
-    def _layout(self, input_ids: torch.Tensor, synced: bool) -> _Layout:
+    def _layout(self, batch: Batch, synced: bool) -> _Layout:
+        input_ids = batch.input_ids
+        length = input_ids.shape[1]
+        if not self.feed_thoughts:
+            return _Layout(column=length, n_passes=0, counts=input_ids.new_zeros(input_ids.shape[0]))
+        if batch.latent_counts is None:  # a hand-built batch: find and check the latents on the device
+            column, n_max, counts = self._find_latents(input_ids)
+        else:  # the collator's host numbers: nothing to read back from the device
+            n_max = max(batch.latent_counts, default=0)
+            column = batch.latent_column if n_max else length
+            counts = torch.tensor(batch.latent_counts, dtype=torch.long).to(input_ids.device, non_blocking=True)
+        if synced and dist.is_available() and dist.is_initialized():
+            n = torch.tensor([n_max], device=input_ids.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            n_max = int(n.item())
+        if n_max == 0:
+            return _Layout(column=length, n_passes=0, counts=counts)
+        if column == length:  # no latents on this rank, but other ranks have some
+            column = 1
+        return _Layout(column=column, n_passes=n_max, counts=counts)
+
+    def _find_latents(self, input_ids: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        """(first latent column or L if none, most latents, (B,) latents per sample), with one host sync."""
         is_latent = input_ids == self.latent_token_id
         counts = is_latent.sum(1)
         length = input_ids.shape[1]
-        if not self.feed_thoughts:
-            return _Layout(column=length, n_passes=0, counts=torch.zeros_like(counts))
         has = counts > 0
         first = torch.where(has, is_latent.int().argmax(1), torch.full_like(counts, length))
         column = first.min()
@@ -276,15 +310,7 @@ class Coconut(nn.Module):
                 "latent tokens must be one contiguous run per sample starting at the same column "
                 "(use dataset.MyCollator, which left-pads to align them)"
             )
-        if synced and dist.is_available() and dist.is_initialized():
-            n = torch.tensor([n_max], device=input_ids.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            n_max = int(n.item())
-        if n_max == 0:
-            return _Layout(column=length, n_passes=0, counts=counts)
-        if column_host == length:  # no latents on this rank, but other ranks have some
-            column_host = 1
-        return _Layout(column=column_host, n_passes=n_max, counts=counts)
+        return column_host, n_max, counts
 
     def _latent_prefill(
         self,
@@ -342,31 +368,28 @@ class Coconut(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        position_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        num_patches_list: torch.Tensor | None = None,
+        batch: Batch,
         num_items_in_batch: torch.Tensor | float | None = None,
         return_logits: bool = False,
-        **kwargs: Any,
+        return_filled_embeds: bool = False,
     ) -> Outputs:
-        """Loss of a batch with its latents filled in; see the module docstring.
+        """Loss of a batch (with labels) with its latents filled in; see the module docstring.
 
         num_items_in_batch, when given, divides the summed token loss instead of this batch's own
         label count (global normalisation across ranks and accumulation steps).
         """
+        if batch.labels is None:
+            raise ValueError("forward needs a Batch with labels (generation prompts have none: use generate)")
         synced = self.synced_gpus
         if self.compile_latent_passes == "reduce-overhead" and torch.is_grad_enabled():
             torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be reused
-        layout = self._layout(input_ids, synced)
+        layout = self._layout(batch, synced)
         input_ids, attention_mask, position_ids, labels = self._fit_layout(
-            layout, input_ids, (attention_mask, 0), (position_ids, 0), (labels, IGNORE_INDEX)
+            layout, batch.input_ids, (batch.attention_mask, 0), (batch.position_ids, 0), (batch.labels, IGNORE_INDEX)
         )
-        embeds = self.adapter.embed(input_ids, pixel_values, num_patches_list, synced_gpus=synced)
+        embeds = self.adapter.embed(input_ids, batch.pixel_values, batch.num_patches, synced_gpus=synced)
         hiddens, _ = self._latent_prefill(embeds, attention_mask, position_ids, layout)
-        hidden = torch.cat(hiddens, dim=1)
+        hidden = torch.cat(hiddens, dim=1)  # (B, L, H)
 
         shift_labels = labels[:, 1:]
         selected = shift_labels != IGNORE_INDEX
@@ -380,7 +403,7 @@ class Coconut(nn.Module):
         text = attention_mask.bool() & (input_ids != self.latent_token_id)
         return Outputs(
             loss=loss,
-            inputs_embeds=_filled_embeds(embeds, thoughts, is_thought, layout),
+            inputs_embeds=_filled_embeds(embeds, thoughts, is_thought, layout) if return_filled_embeds else None,
             logits=self.adapter.head(hidden) if return_logits else None,
             num_label_tokens=n_tokens,
             thought_norm=_masked_mean(thoughts.detach().norm(dim=-1), is_thought) if layout.n_passes else None,
@@ -391,42 +414,36 @@ class Coconut(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        num_patches_list: torch.Tensor | None = None,
+        batch: Batch,
         max_new_tokens: int = 16,
-        synced_gpus: bool = False,
-        position_ids: torch.Tensor | None = None,
         stop_check_every: int = 4,
         cuda_graph: bool | None = None,
         thought_top_k: int = 0,
-        **kwargs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, Thoughts]:
-        """Batched greedy decoding after the latent passes; returns new tokens [B, T], pad after eos.
+        """Batched greedy decoding of prompts after the latent passes; returns new tokens (B, T), pad after eos.
 
         thought_top_k > 0 also returns the continuous thoughts with their top-k tokens under the LM
         head: (tokens, Thoughts), as the original's output_embedding returns its embeddings.
 
         Each sample's tokens equal generating it alone. With synced_gpus every rank keeps stepping
         (dummy steps once done) until all ranks are finished, as FSDP needs. cuda_graph (default:
-        self.decode_cuda_graph) replays each token step as one captured CUDA graph (one process,
+        decode_cuda_graph) replays each token step as one captured CUDA graph (one process,
         CUDA, a Llama/Qwen2-style decoder).
         """
         if cuda_graph is None:
             cuda_graph = self.decode_cuda_graph
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        synced = synced_gpus or self.synced_gpus
-        prompt = self.encode_prompt(input_ids, attention_mask, pixel_values, num_patches_list, position_ids, synced,
-                                    thought_top_k=thought_top_k)
+        synced = self.synced_gpus
+        prompt = self.encode_prompt(batch, thought_top_k=thought_top_k)
         prompt, thoughts = prompt if thought_top_k else (prompt, None)
         decoder = self.adapter.greedy_decoder(prompt, max_new_tokens, self.eos_token_id, self.pad_token_id)
+        device = batch.input_ids.device
         if cuda_graph and max_new_tokens > 1:
-            if synced or not isinstance(decoder, StaticGreedyDecoder) or input_ids.device.type != "cuda":
+            if synced or not isinstance(decoder, StaticGreedyDecoder) or device.type != "cuda":
                 raise ValueError(
                     "cuda_graph decoding needs one process (no FSDP), CUDA tensors and a decoder with "
-                    f"rotary layers; got synced={synced}, device={input_ids.device.type}, {type(decoder).__name__}"
+                    f"rotary layers; got synced={synced}, device={device.type}, {type(decoder).__name__}"
                 )
             capture_cuda_graph(decoder)
         steps = 1
@@ -439,29 +456,19 @@ class Coconut(nn.Module):
         tokens = decoder.tokens[:, :steps]
         return (tokens, thoughts) if thought_top_k else tokens
 
-    def encode_prompt(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        num_patches_list: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        synced: bool = False,
-        thought_top_k: int = 0,
-    ) -> PromptState | tuple[PromptState, Thoughts]:
+    def encode_prompt(self, batch: Batch, thought_top_k: int = 0) -> PromptState | tuple[PromptState, Thoughts]:
         """Images, latent passes and the whole prompt through the decoder: what decoding starts from.
 
         thought_top_k > 0 also returns the thoughts (see generate).
         """
-        if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        layout = self._layout(input_ids, synced)
+        synced = self.synced_gpus
+        layout = self._layout(batch, synced)
         input_ids, attention_mask, position_ids = self._fit_layout(
-            layout, input_ids, (attention_mask, 0), (position_ids, 0)
+            layout, batch.input_ids, (batch.attention_mask, 0), (batch.position_ids, 0)
         )
-        embeds = self.adapter.embed(input_ids, pixel_values, num_patches_list, synced_gpus=synced)
+        embeds = self.adapter.embed(input_ids, batch.pixel_values, batch.num_patches, synced_gpus=synced)
         hiddens, cache = self._latent_prefill(embeds, attention_mask, position_ids, layout)
-        hidden = torch.cat(hiddens, dim=1)
+        hidden = torch.cat(hiddens, dim=1)  # (B, L, H)
         cols = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (cols * attention_mask.bool()).argmax(1)  # last real position of each prompt
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)

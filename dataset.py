@@ -23,6 +23,76 @@ from utils import Config
 IGNORE_INDEX = -100
 
 
+class LatentLayoutError(ValueError):
+    """Latent tokens that are not one contiguous run starting at a shared column."""
+
+
+@dataclasses.dataclass
+class Batch:
+    """One collated batch: what Coconut.forward, generate and encode_prompt take.
+
+    B samples of L columns, T image tiles in all (each S x S pixels):
+
+    - input_ids: (B, L) long; latents of every sample start in one column (left padding)
+    - attention_mask: (B, L) long, 0 on padding
+    - position_ids: (B, L) long, restarting at 0 after each sample's left padding
+    - labels: (B, L) long, IGNORE_INDEX where no loss is taken; None for generation prompts
+    - idx: (B,) long, the records' indices (predictions name their record by it)
+    - pixel_values: (T, 3, S, S) float, every sample's tiles in batch order; None when no sample has images
+    - num_patches: (B,) long, tiles per sample (0 for a sample without images); the sample key of the same name
+    - latent_column: the first latent column, shared by every sample with latents (host int)
+    - latent_counts: latents per sample (host ints)
+
+    latent_column and latent_counts are set by the collator, which aligned the latents on the host:
+    with them the model places its passes without reading the device. A hand-built Batch leaves them
+    None; the model then finds the latents on the device (one host sync) and checks that they are
+    aligned (LatentLayoutError).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    num_patches: torch.Tensor | None = None
+    latent_column: int | None = None
+    latent_counts: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids.shape)
+        for name in ("attention_mask", "position_ids", "labels"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(f"Batch: {name} has shape {tuple(value.shape)}, input_ids {shape}")
+        if self.latent_counts is not None:
+            if len(self.latent_counts) != shape[0]:
+                raise LatentLayoutError(f"Batch: {len(self.latent_counts)} latent counts for {shape[0]} samples")
+            if max(self.latent_counts, default=0) and (
+                self.latent_column is None or self.latent_column + max(self.latent_counts) > shape[1]
+            ):
+                raise LatentLayoutError(
+                    f"Batch: latents from column {self.latent_column} do not fit {shape[1]} columns"
+                )
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """The batch with its tensors on device, except idx, which stays on the host.
+
+        idx is only read on the host (to name each prediction's record): moving it would cost a
+        copy there and a device sync to read it back. Copies from the host need not block: a
+        pinned batch copies asynchronously, a pageable one is staged before the call returns.
+        """
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking), skip=("idx",))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (DataLoader(pin_memory=True) calls this)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn: Any, skip: tuple[str, ...] = ()) -> Batch:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        return dataclasses.replace(self, **{k: fn(v) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
+
+
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read and validate a COCONUT JSON file: a list of {question, steps, answer[, image|video]}."""
     path = Path(path)
@@ -207,6 +277,7 @@ class MyCollator:
     attention_mask 0 on it); then everything is right-padded to the longest sample.
     column_multiple > 1 rounds that column up to a multiple of it, so that batches share the
     shapes of their one-token latent passes (CUDA graphs are recorded once per shape).
+    The Batch carries that column and each sample's latent count, known here without a device read.
     """
 
     def __init__(
@@ -217,8 +288,12 @@ class MyCollator:
         self.label_pad_token_id = label_pad_token_id
         self.column_multiple = column_multiple
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> Batch:
         firsts = [_first_index(f["input_ids"], self.latent_id) for f in features]
+        counts = tuple(f["input_ids"].count(self.latent_id) for f in features)
+        for f, first, n in zip(features, firsts, counts):
+            if n and f["input_ids"][first : first + n] != [self.latent_id] * n:
+                raise LatentLayoutError(f"record {f['idx']}: its latent tokens are not one contiguous run")
         column = max((c for c in firsts if c is not None), default=None)
         if column is not None:
             column = -(-column // self.column_multiple) * self.column_multiple
@@ -227,15 +302,15 @@ class MyCollator:
             n_left = 0 if first is None else column - first
             padded.append(_pad_left(f, n_left, self.pad_token_id, self.label_pad_token_id))
         length = max(len(f["input_ids"]) for f in padded)
-        batch = {
-            "input_ids": _stack(padded, "input_ids", length, self.pad_token_id),
-            "attention_mask": _stack(padded, "attention_mask", length, 0),
-            "position_ids": _stack(padded, "position_ids", length, 0),
-            "idx": torch.tensor([f["idx"] for f in padded]),
-        }
-        if "labels" in padded[0]:
-            batch["labels"] = _stack(padded, "labels", length, self.label_pad_token_id)
-        return batch
+        return Batch(
+            input_ids=_stack(padded, "input_ids", length, self.pad_token_id),
+            attention_mask=_stack(padded, "attention_mask", length, 0),
+            position_ids=_stack(padded, "position_ids", length, 0),
+            labels=_stack(padded, "labels", length, self.label_pad_token_id) if "labels" in padded[0] else None,
+            idx=torch.tensor([f["idx"] for f in padded]),
+            latent_column=column,
+            latent_counts=counts,
+        )
 
 
 def _first_index(ids: list[int], token: int) -> int | None:

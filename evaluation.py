@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from coconut import Thoughts
+from dataset import Batch
 from distributed import DistInfo, all_reduce_max, all_reduce_sum
 from scoring import (
     decode_as_original,
@@ -49,10 +50,6 @@ def sharded_loader(dataset: Dataset, batch_size: int, collate: Callable, info: D
     return loader, counted
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "idx"}
-
-
 @torch.no_grad()
 def validation_loss(
     model: nn.Module, dataset: Dataset, collate: Callable, info: DistInfo, batch_size: int, num_workers: int, autocast: Callable
@@ -63,7 +60,7 @@ def validation_loss(
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)
     for batch, count in zip(loader, counted):
         with autocast():
-            out = model(**to_device(batch, info.device), num_items_in_batch=1.0)  # loss = summed CE
+            out = model(batch.to(info.device), num_items_in_batch=1.0)  # loss = summed CE
         if count:
             totals += torch.stack([out.loss.detach().double(), out.num_label_tokens.double()])
     all_reduce_sum(totals)
@@ -112,8 +109,8 @@ def generation_accuracy(
     with tqdm(total=len(counted), desc="generate", disable=not info.is_main, dynamic_ncols=True, leave=False) as bar:
         for batch, count in zip(loader, counted):
             with autocast():
-                tokens, thoughts = model.generate(**to_device(batch, info.device), max_new_tokens=config.max_new_tokens,
-                                                  synced_gpus=info.distributed, thought_top_k=top_k)
+                tokens, thoughts = model.generate(batch.to(info.device), max_new_tokens=config.max_new_tokens,
+                                                  thought_top_k=top_k)
             bar.update(1)
             if count:
                 mine += batch_predictions(model, batch, tokens, thoughts, records, tokenizer, config, stage)
@@ -126,7 +123,7 @@ def generation_accuracy(
 
 def batch_predictions(
     model: nn.Module,
-    batch: dict[str, Any],
+    batch: Batch,
     tokens: torch.Tensor,
     thoughts: Thoughts,
     records: Sequence[dict[str, Any]],
@@ -139,9 +136,9 @@ def batch_predictions(
     markers = {model.start_latent_id, model.latent_token_id, model.end_latent_id}
     tokens, top_ids, top_probs = tokens.tolist(), thoughts.top_ids.tolist(), thoughts.top_probs.tolist()
     out = []
-    for row, idx in enumerate(batch["idx"].tolist()):
+    for row, idx in enumerate(batch.idx.tolist()):
         record = records[idx]
-        prompt = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()  # without padding
+        prompt = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()  # without padding
         text = decode_as_original(tokenizer, prompt, tokens[row], eos, markers)
         output = decode_generation(tokenizer, tokens[row], eos)
         answer, gold = extract_answer(text), gold_answer(record)

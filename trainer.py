@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 from coconut import Coconut
-from dataset import MyCollator, drop_overlong, get_cot_latent_dataset, get_question_latent_dataset, load_records, tokenize_records
+from dataset import (
+    Batch,
+    MyCollator,
+    drop_overlong,
+    get_cot_latent_dataset,
+    get_question_latent_dataset,
+    load_records,
+    tokenize_records,
+)
 from distributed import (
     DistInfo,
     all_reduce_host,
@@ -45,7 +53,7 @@ from distributed import (
     shard,
     shutdown,
 )
-from evaluation import PREDICTIONS_DIR, generation_accuracy, to_device, validation_loss, write_predictions
+from evaluation import PREDICTIONS_DIR, generation_accuracy, validation_loss, write_predictions
 from latent_checkpoint import enable_latent_checkpointing
 from lora import apply_lora, has_adapter, load_adapter, merge_adapter
 from metric_logger import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, WandbLogger, read_jsonl
@@ -234,15 +242,15 @@ class Run:
         if config.activation_checkpointing:
             enable_latent_checkpointing(decoder_layers)
         self.base, self.decoder_layers = base, decoder_layers
+        # Several ranks under FSDP: synced_gpus makes every rank run the same passes and steps.
         model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
-                        self.tokenizer.pad_token_id, feed_thoughts=config.feeds_thoughts).to(info.device)
-        model.compile_latent_passes = config.compile_latent_passes
-        model.decode_cuda_graph = config.decode_cuda_graph
+                        self.tokenizer.pad_token_id, feed_thoughts=config.feeds_thoughts, synced_gpus=info.distributed,
+                        compile_latent_passes=config.compile_latent_passes,
+                        decode_cuda_graph=config.decode_cuda_graph).to(info.device)
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None
             shard(model, decoder_layers, vision, dtype)
-            model.synced_gpus = True
         self.model = model
         # One process has no FSDP mixed-precision policy: autocast gives the same bf16 compute.
         use_autocast = dtype is not None and not info.distributed
@@ -409,7 +417,7 @@ class Run:
         self.bar.set_description(f"epoch {epoch + 1}/{config.num_epochs} stage {stage}")
         while True:
             window = list(itertools.islice(batches, min(accum, n_batches - done)))
-            labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # on the host copy: no sync
+            labels = sum(int((b.labels[:, 1:] != -100).sum()) for b in window)  # on the host copy: no sync
             n_labels, stops = all_reduce_host([labels, float(self.stop.requested)])
             if stops:
                 self._stop_in_epoch(optimizer, epoch, done, n_batches, loss_sum)
@@ -448,7 +456,7 @@ class Run:
         loss_sum.copy_(part["loss_sum"])
         self.scaler.load_state_dict(part["scaler"])
 
-    def _train_window(self, window: list[dict[str, Any]], n_labels: float,
+    def _train_window(self, window: list[Batch], n_labels: float,
                       throughput: _Throughput) -> tuple[torch.Tensor, Any]:
         """Forward and backward of one optimizer step's micro-batches; returns this rank's summed CE.
 
@@ -464,7 +472,7 @@ class Run:
             if info.distributed:
                 self.model.set_requires_gradient_sync(j == len(window) - 1)
             with self.autocast():
-                out = self.model(**to_device(batch, info.device), num_items_in_batch=denominator)
+                out = self.model(batch.to(info.device), num_items_in_batch=denominator)
             self.scaler.scale(out.loss).backward()
             ce += out.loss.detach().double() * denominator
         return ce, out
@@ -679,9 +687,9 @@ class _Throughput:
     def __init__(self) -> None:
         self.start, self.tokens, self.samples = time.perf_counter(), 0, 0
 
-    def add(self, batch: dict[str, Any]) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
-        self.samples += batch["input_ids"].shape[0]
+    def add(self, batch: Batch) -> None:
+        self.tokens += int(batch.attention_mask.sum())
+        self.samples += batch.input_ids.shape[0]
 
     def take(self) -> tuple[int, int, float]:
         """(tokens, samples, seconds) of this rank since the last call."""

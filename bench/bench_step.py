@@ -56,6 +56,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLConfig
 
 from coconut import IGNORE_INDEX, Coconut
+from dataset import Batch
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
 from multimodal.internvl import internvl3_config
@@ -142,14 +143,14 @@ class Bench:
     coconut: Coconut
     ids: TokenIds
     layout: Layout
-    batches: list[dict[str, torch.Tensor]]  # the step modes cycle through them (--shapes)
+    batches: list[Batch]  # the step modes cycle through them (--shapes)
     sft_ids: list[torch.Tensor]  # each batch's ids for the plain step
-    prompts: dict[str, torch.Tensor]
+    prompts: Batch
     n_labels: int
     flops: dict[str, float]
 
     @property
-    def batch(self) -> dict[str, torch.Tensor]:
+    def batch(self) -> Batch:
         return self.batches[0]
 
 
@@ -275,11 +276,10 @@ def make_features(layout: Layout, ids: TokenIds, image_size: int, seed: int, shi
 
 def collate(
     features: list[dict[str, Any]], ids: TokenIds, device: str, dtype: torch.dtype, column_multiple: int = 1
-) -> dict[str, torch.Tensor]:
+) -> Batch:
     """The training collator's batch (latent-aligned, tiles concatenated) on the device."""
-    batch = MultimodalCollator(ids.pad, ids.latent, column_multiple=column_multiple)(features)
-    del batch["idx"]
-    return {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in batch.items()}
+    batch = MultimodalCollator(ids.pad, ids.latent, column_multiple=column_multiple)(features).to(device)
+    return dataclasses.replace(batch, pixel_values=batch.pixel_values.to(dtype))
 
 
 def prompt_of(feature: dict[str, Any], end_latent: int) -> dict[str, Any]:
@@ -289,11 +289,17 @@ def prompt_of(feature: dict[str, Any], end_latent: int) -> dict[str, Any]:
     return {k: v[:stop] if k in cut else v for k, v in feature.items() if k != "labels"}
 
 
-def rows(batch: dict[str, torch.Tensor], start: int, stop: int, tiles: int) -> dict[str, torch.Tensor]:
-    """Samples start..stop-1 of a batch whose samples all have `tiles` tiles."""
-    return {
-        k: v[start * tiles : stop * tiles] if k == "pixel_values" else v[start:stop] for k, v in batch.items()
-    }
+def rows(batch: Batch, start: int, stop: int, tiles: int) -> Batch:
+    """Samples start..stop-1 of a prompt batch whose samples all have `tiles` tiles."""
+    return Batch(
+        input_ids=batch.input_ids[start:stop],
+        attention_mask=batch.attention_mask[start:stop],
+        position_ids=batch.position_ids[start:stop],
+        pixel_values=batch.pixel_values[start * tiles : stop * tiles],
+        num_patches=batch.num_patches[start:stop],
+        latent_column=batch.latent_column,
+        latent_counts=batch.latent_counts[start:stop],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,15 +316,15 @@ def label_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> t
     return F.cross_entropy(head(hidden[:, :-1][selected]).float(), shift[selected])
 
 
-def sft_loss(model: nn.Module, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sft_loss(model: nn.Module, input_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Plain fine-tuning loss: one forward of the language model with the images merged once."""
     hidden = model.model(
         input_ids=input_ids,
-        pixel_values=batch["pixel_values"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        pixel_values=batch.pixel_values,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
     ).last_hidden_state
-    return label_loss(model.lm_head, hidden, batch["labels"])
+    return label_loss(model.lm_head, hidden, batch.labels)
 
 
 def full_forward(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -330,15 +336,15 @@ def full_forward(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos
     )
 
 
-def naive_fill(model: nn.Module, latent_id: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def naive_fill(model: nn.Module, latent_id: int, batch: Batch) -> torch.Tensor:
     """Input embeddings with latent i set to the last hidden state before it, one full forward per latent."""
-    input_ids = batch["input_ids"]
+    input_ids = batch.input_ids
     embeds = model.get_input_embeddings()(input_ids)
     is_latent = input_ids == latent_id
     rank = is_latent.long().cumsum(1) * is_latent  # i at a sample's i-th latent, 0 elsewhere
     for i in range(1, int(rank.max()) + 1):
         out = full_forward(
-            model, embeds, batch["attention_mask"], batch["position_ids"], batch["pixel_values"],
+            model, embeds, batch.attention_mask, batch.position_ids, batch.pixel_values,
             output_hidden_states=True,
         )
         hidden = out.hidden_states[-1]
@@ -347,23 +353,23 @@ def naive_fill(model: nn.Module, latent_id: int, batch: dict[str, torch.Tensor])
     return embeds
 
 
-def naive_loss(model: nn.Module, latent_id: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def naive_loss(model: nn.Module, latent_id: int, batch: Batch) -> torch.Tensor:
     """COCONUT's loss the seed's way: n+1 full forwards, vision re-run in each, full-vocabulary logits."""
     embeds = naive_fill(model, latent_id, batch)
-    logits = full_forward(model, embeds, batch["attention_mask"], batch["position_ids"], batch["pixel_values"]).logits
+    logits = full_forward(model, embeds, batch.attention_mask, batch.position_ids, batch.pixel_values).logits
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
     )
 
 
 @torch.no_grad()
-def naive_generate(model: nn.Module, latent_id: int, prompt: dict[str, torch.Tensor], new_tokens: int) -> torch.Tensor:
+def naive_generate(model: nn.Module, latent_id: int, prompt: Batch, new_tokens: int) -> torch.Tensor:
     """Greedy decoding without a KV cache: every token recomputes the whole prefix (the original's method)."""
     embeds = naive_fill(model, latent_id, prompt)
-    mask, positions = prompt["attention_mask"], prompt["position_ids"]
+    mask, positions = prompt.attention_mask, prompt.position_ids
     tokens = []
     for _ in range(new_tokens):
-        logits = full_forward(model, embeds, mask, positions, prompt["pixel_values"]).logits[:, -1]
+        logits = full_forward(model, embeds, mask, positions, prompt.pixel_values).logits[:, -1]
         token = logits.argmax(-1)
         tokens.append(token)
         embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
@@ -482,10 +488,12 @@ def saved_for_backward(loss_fn: Callable[[], torch.Tensor]) -> int:
     return sum(sizes.values())
 
 
-def train_step(bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: float) -> dict[str, Any]:
+def train_step(
+    bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: float, count_saved: bool = True
+) -> dict[str, Any]:
     """Time zero_grad + loss + backward, run i on batch i mod --shapes (loss_fn(i)); the loss of
     the last run is reported, then saved_gib is counted in one more forward of batch 0, untimed
-    (not with compiled latent passes: under CUDA graphs a forward left without its backward
+    (count_saved False for compiled latent passes: under CUDA graphs a forward left without its backward
     holds the graph tree back, and what a compiled graph saves is the compiler's choice)."""
     runs = itertools.count()
 
@@ -496,7 +504,7 @@ def train_step(bench: Bench, loss_fn: Callable[[int], torch.Tensor], flops: floa
         return loss.detach()
 
     timing, loss = timed(step, bench.args, profile=bench.args.profile)
-    saved_gib = None if bench.coconut.compile_latent_passes else round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6)
+    saved_gib = round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6) if count_saved else None
     return {**timing, "loss": float(loss), "saved_gib": saved_gib, **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
 
 
@@ -523,7 +531,7 @@ def decode_rates(
 
 
 def mode_vision(bench: Bench) -> dict[str, Any]:
-    pixel_values = bench.batch["pixel_values"]  # every batch has the same tile count
+    pixel_values = bench.batch.pixel_values  # every batch has the same tile count
     line = train_step(
         bench,
         lambda i: image_features(bench.model, pixel_values).float().square().mean(),
@@ -537,37 +545,40 @@ def mode_sft(bench: Bench) -> dict[str, Any]:
     return {**line, "tokens": bench.sft_ids[0].numel()}
 
 
+def coconut_step(bench: Bench, coconut: Coconut) -> dict[str, Any]:
+    line = train_step(bench, lambda i: coconut(bench.batches[i]).loss, bench.flops["step"],
+                      count_saved=not coconut.compile_latent_passes)
+    return {**line, "tokens": bench.batch.input_ids.numel(), "passes": bench.layout.latents + 1}
+
+
 def mode_coconut(bench: Bench) -> dict[str, Any]:
-    line = train_step(bench, lambda i: bench.coconut(**bench.batches[i]).loss, bench.flops["step"])
-    return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
+    return coconut_step(bench, bench.coconut)
 
 
 def compiled_coconut(mode: str) -> Callable[[Bench], dict[str, Any]]:
     """coconut with compile_latent_passes=mode; the first step (the compile) is timed on its own."""
 
     def measure(bench: Bench) -> dict[str, Any]:
-        bench.coconut.compile_latent_passes = mode
-        try:
-            start = time.perf_counter()
-            bench.coconut(**bench.batch).loss.backward()
-            _sync(bench.args.device)
-            first_step_s = time.perf_counter() - start
-            line = mode_coconut(bench)
-        finally:
-            bench.coconut.compile_latent_passes = None
-        return {**line, "first_step_s": round(first_step_s, 2)}
+        plain = bench.coconut
+        coconut = Coconut(bench.model, plain.latent_token_id, plain.start_latent_id, plain.end_latent_id,
+                          plain.eos_token_id, plain.pad_token_id, compile_latent_passes=mode)
+        start = time.perf_counter()
+        coconut(bench.batch).loss.backward()
+        _sync(bench.args.device)
+        first_step_s = time.perf_counter() - start
+        return {**coconut_step(bench, coconut), "first_step_s": round(first_step_s, 2)}
 
     return measure
 
 
 def mode_naive(bench: Bench) -> dict[str, Any]:
     line = train_step(bench, lambda i: naive_loss(bench.model, bench.ids.latent, bench.batches[i]), bench.flops["step"])
-    return {**line, "tokens": bench.batch["input_ids"].numel(), "passes": bench.layout.latents + 1}
+    return {**line, "tokens": bench.batch.input_ids.numel(), "passes": bench.layout.latents + 1}
 
 
 def mode_decode(bench: Bench) -> dict[str, Any]:
     line, _ = decode_rates(
-        bench, lambda n: bench.coconut.generate(**bench.prompts, max_new_tokens=n), bench.layout.batch
+        bench, lambda n: bench.coconut.generate(bench.prompts, max_new_tokens=n), bench.layout.batch
     )
     return line
 
@@ -577,7 +588,7 @@ def mode_decode_step(bench: Bench) -> dict[str, Any]:
     difference of two runs, which a slow prefill (a CPU) drowns in noise."""
     args = bench.args
     with torch.no_grad():
-        prompt = bench.coconut.encode_prompt(**bench.prompts)
+        prompt = bench.coconut.encode_prompt(bench.prompts)
         new_tokens = max(args.new_tokens, args.warmup + args.iters + 2)  # buffers for every step run (+ profile)
         decoder = bench.coconut.adapter.greedy_decoder(prompt, new_tokens, -1, bench.ids.pad)
         timing, _ = timed(decoder.step, args, profile=args.profile)
@@ -588,9 +599,9 @@ def mode_decode_step(bench: Bench) -> dict[str, Any]:
 def mode_decode_graph(bench: Bench) -> dict[str, Any]:
     """decode with every token step replayed as one captured CUDA graph (Coconut.generate(cuda_graph=True))."""
     line, tokens = decode_rates(
-        bench, lambda n: bench.coconut.generate(**bench.prompts, max_new_tokens=n, cuda_graph=True), bench.layout.batch
+        bench, lambda n: bench.coconut.generate(bench.prompts, max_new_tokens=n, cuda_graph=True), bench.layout.batch
     )
-    eager = bench.coconut.generate(**bench.prompts, max_new_tokens=bench.args.new_tokens)
+    eager = bench.coconut.generate(bench.prompts, max_new_tokens=bench.args.new_tokens)
     return {**line, "match_vs_decode": round(float((tokens == eager).float().mean()), 4)}
 
 
@@ -604,7 +615,7 @@ def mode_naive_decode(bench: Bench) -> dict[str, Any]:
         return torch.cat([naive_generate(bench.model, bench.ids.latent, s, n) for s in singles])
 
     line, tokens = decode_rates(bench, generate, k)
-    reference = bench.coconut.generate(**rows(bench.prompts, 0, k, tiles), max_new_tokens=bench.args.new_tokens)
+    reference = bench.coconut.generate(rows(bench.prompts, 0, k, tiles), max_new_tokens=bench.args.new_tokens)
     return {**line, "match_vs_decode": round(float((tokens == reference).float().mean()), 4)}
 
 
@@ -697,7 +708,7 @@ def header(bench: Bench, argv: Sequence[str], params: dict[str, Any]) -> dict[st
             "seq": bench.layout.seq,
             "label_tokens": bench.n_labels,
             # first latent column of each step batch (--shapes; --column-multiple pads it up)
-            "latent_columns": [int((b["input_ids"][0] == bench.ids.latent).nonzero()[0]) for b in bench.batches],
+            "latent_columns": [int((b.input_ids[0] == bench.ids.latent).nonzero()[0]) for b in bench.batches],
         },
         "flops": bench.flops,
     }
@@ -788,10 +799,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         batches.append(collate(features, ids, args.device, dtype, args.column_multiple))
         if shift == 0:
             prompts = collate([prompt_of(f, ids.end_latent) for f in features], ids, args.device, dtype)
-        input_ids = batches[-1]["input_ids"]
+        input_ids = batches[-1].input_ids
         filler = torch.randint(0, ids.n_text, input_ids.shape, generator=torch.Generator().manual_seed(args.seed))
         sft_ids.append(torch.where(input_ids == ids.latent, filler.to(args.device), input_ids))
-    n_labels = int((batches[0]["labels"][:, 1:] != IGNORE_INDEX).sum())
+    n_labels = int((batches[0].labels[:, 1:] != IGNORE_INDEX).sum())
     flops = step_flops(model, layout, n_labels, args.freeze_backbone)
     bench = Bench(args, model, coconut, ids, layout, batches, sft_ids, prompts, n_labels, flops)
     lines = [header(bench, argv, params)]

@@ -5,7 +5,8 @@ trainer shards it (distributed.shard):
 - `collectives`: the all-gathers and reduce-scatters of one forward + backward + release_gathered
   (after a warm-up step), per latent count: {latents: {collective: calls}}.
 - `compiled`: loss and gradients of one step with compile_latent_passes="default" against the
-  same step eager: {"graphs": compiled graphs, "loss": [eager, compiled], "max_grad_diff": ...,
+  same step eager, each on a fresh copy of the model (the option is fixed when Coconut is built):
+  {"graphs": compiled graphs, "loss": [eager, compiled], "max_grad_diff": ...,
   "max_grad": ...}.
 - `fresh_optimizer`: an optimizer built after an evaluation forward (what reset_optimizer does at
   a new epoch): {"plain_after_eval": parameters left gathered (plain tensors), "stale_refused":
@@ -25,21 +26,27 @@ import torch
 import torch.distributed as dist
 
 from coconut import Coconut
-from dataset import MyCollator
+from dataset import Batch, MyCollator
 from distributed import check_optimizer_params, release_gathered, shard
 from tests.test_coconut_text import END, EOS, LATENT, PAD, START, sample, tiny_lm
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
 
 
-def batch_with(n_latents: int) -> dict[str, torch.Tensor]:
-    batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], n_latents, [10, 11, EOS]), sample([8, 9], n_latents, [12, EOS])])
-    batch.pop("idx")
-    return batch
+def batch_with(n_latents: int) -> Batch:
+    return MyCollator(PAD, LATENT)([sample([5, 6, 7], n_latents, [10, 11, EOS]), sample([8, 9], n_latents, [12, EOS])])
 
 
-def step(coconut: Coconut, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    loss = coconut(**batch).loss
+def sharded_coconut(**options: Any) -> Coconut:
+    """The tiny Qwen2 (seed 0) in Coconut, sharded as the trainer shards it, ranks synced."""
+    model = tiny_lm(seed=0).train()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD, synced_gpus=True, **options)
+    shard(coconut, model.model.layers, None, None)
+    return coconut
+
+
+def step(coconut: Coconut, batch: Batch) -> torch.Tensor:
+    loss = coconut(batch).loss
     loss.backward()
     release_gathered(coconut.base_causallm.model.layers)
     return loss.detach()
@@ -66,19 +73,18 @@ def collectives(coconut: Coconut) -> dict[str, Any]:
     return result
 
 
-def compiled(coconut: Coconut) -> dict[str, Any]:
+def compiled(_: Coconut) -> dict[str, Any]:
     batch = batch_with(3)
 
-    def grads() -> dict[str, torch.Tensor]:
-        out = {n: p.grad.full_tensor().clone() for n, p in coconut.named_parameters() if p.grad is not None}
-        coconut.zero_grad(set_to_none=True)
-        return out
+    def grads(coconut: Coconut) -> dict[str, torch.Tensor]:
+        return {n: p.grad.full_tensor().clone() for n, p in coconut.named_parameters() if p.grad is not None}
 
-    eager_loss = step(coconut, batch)
-    eager = grads()
-    coconut.compile_latent_passes = "default"
-    compiled_loss = step(coconut, batch)
-    ours = grads()
+    eager_model = sharded_coconut()
+    eager_loss = step(eager_model, batch)
+    eager = grads(eager_model)
+    compiled_model = sharded_coconut(compile_latent_passes="default")
+    compiled_loss = step(compiled_model, batch)
+    ours = grads(compiled_model)
     from torch._dynamo.utils import counters
 
     return {
@@ -97,7 +103,7 @@ def fresh_optimizer(coconut: Coconut) -> dict[str, Any]:
     step(coconut, batch)
     coconut.zero_grad(set_to_none=True)
     with torch.no_grad():  # evaluation: no backward reshards what the forward gathered
-        coconut(**batch)
+        coconut(batch)
     plain = sum(not isinstance(p, DTensor) for p in coconut.parameters())
     trainable = [p for p in coconut.parameters() if p.requires_grad]
     stale = torch.optim.AdamW(trainable)
@@ -120,17 +126,14 @@ def fresh_optimizer(coconut: Coconut) -> dict[str, Any]:
 
 def main(checks: list[str]) -> None:
     dist.init_process_group("gloo")
-    model = tiny_lm(seed=0).train()
-    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    shard(coconut, model.model.layers, None, None)
-    coconut.synced_gpus = True
+    coconut = sharded_coconut()
     run = {"collectives": collectives, "compiled": compiled, "fresh_optimizer": fresh_optimizer}
     result = {check: run[check](coconut) for check in checks}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     # Drop FSDP's state (and the collective handles it keeps) while the process group is alive:
     # tearing gloo down under them aborts the process now and then.
-    del coconut, model
+    del coconut
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coconut import Coconut, ImageFeatureMismatch
+from dataset import Batch
 from latent_checkpoint import enable_latent_checkpointing
 from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
@@ -63,8 +66,8 @@ def mixed(tok, ids, image_tokens):
     ]
 
 
-def as_inputs(batch, device="cpu"):
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "idx"}
+def as_inputs(batch: Batch, device="cpu") -> Batch:
+    return batch.to(device)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -72,8 +75,8 @@ def test_forward_equals_reference(setup, checkpointing):
     model, coconut, ids, tok, image_tokens = setup
     batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
     ref_loss, _ = reference_forward(
-        model, ids.latent, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"],
-        batch["pixel_values"],
+        model, ids.latent, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels,
+        batch.pixel_values,
     )
     ref_loss.backward()
     ref = grads(model)
@@ -82,7 +85,7 @@ def test_forward_equals_reference(setup, checkpointing):
         enable_latent_checkpointing(model.model.language_model.layers)
     vision_calls = []
     model.model.vision_tower.register_forward_hook(lambda *a: vision_calls.append(1))
-    out = coconut(**batch)
+    out = coconut(batch)
     out.loss.backward()
     assert len(vision_calls) == 1  # image features computed once, not once per latent pass
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -94,15 +97,15 @@ def test_forward_equals_reference(setup, checkpointing):
 def test_placeholder_mismatch_raises(setup):
     model, coconut, ids, tok, image_tokens = setup
     batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
-    wrong = batch["num_patches_list"].clone()
+    wrong = batch.num_patches.clone()
     wrong[0], wrong[1] = wrong[1], wrong[0]  # same total tiles, assigned to the wrong samples
     with pytest.raises(ImageFeatureMismatch):
-        coconut(**{**batch, "num_patches_list": wrong})
+        coconut(dataclasses.replace(batch, num_patches=wrong))
     with pytest.raises(ImageFeatureMismatch):
-        coconut(**{**batch, "pixel_values": batch["pixel_values"][:-1]})
-    big = torch.nn.functional.interpolate(batch["pixel_values"], scale_factor=2)  # tiles of 112 px, not 56
+        coconut(dataclasses.replace(batch, pixel_values=batch.pixel_values[:-1]))
+    big = torch.nn.functional.interpolate(batch.pixel_values, scale_factor=2)  # tiles of 112 px, not 56
     with pytest.raises(ImageFeatureMismatch, match="features per tile"):
-        coconut(**{**batch, "pixel_values": big})
+        coconut(dataclasses.replace(batch, pixel_values=big))
 
 
 def prompt(tok, ids, image_tokens, n_tiles, n_latent, question, markers=True):
@@ -123,9 +126,9 @@ def test_batched_generation_equals_one_by_one(setup):
         prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False),
     ]
     collate = MultimodalCollator(tok.pad_token_id, ids.latent)
-    batched = coconut.generate(**as_inputs(collate(feats), model.device), max_new_tokens=8)
+    batched = coconut.generate(as_inputs(collate(feats), model.device), max_new_tokens=8)
     for i, f in enumerate(feats):
-        alone = coconut.generate(**as_inputs(collate([f]), model.device), max_new_tokens=8)
+        alone = coconut.generate(as_inputs(collate([f]), model.device), max_new_tokens=8)
         n = alone.shape[1]
         assert batched[i, :n].tolist() == alone[0].tolist(), i
         assert (batched[i, n:] == tok.pad_token_id).all()
@@ -135,9 +138,9 @@ def test_bf16_autocast_tracks_fp32(setup):
     """Mixed precision (as one process trains with bf16: true) stays close to the exact fp32 loss."""
     model, coconut, ids, tok, image_tokens = setup
     batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
-    exact = coconut(**batch).loss
+    exact = coconut(batch).loss
     with torch.autocast(model.device.type, dtype=torch.bfloat16):
-        mixed_loss = coconut(**batch).loss
+        mixed_loss = coconut(batch).loss
     mixed_loss.backward()
     assert mixed_loss.dtype == torch.float32  # cross-entropy is computed on fp32 logits
     assert abs(mixed_loss.item() - exact.item()) <= 0.02 * exact.item()

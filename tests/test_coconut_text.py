@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from coconut import Coconut, LatentLayoutError
-from dataset import MyCollator
+from dataset import Batch, MyCollator
 from latent_checkpoint import enable_latent_checkpointing
 from tests.latent_reference import reference_forward
 
@@ -37,7 +39,7 @@ def sample(question: list[int], n_latent: int, rest: list[int], markers: bool = 
     }
 
 
-def mixed_batch() -> dict:
+def mixed_batch() -> Batch:
     """Different latent counts (0..3), question lengths and answer lengths in one batch."""
     feats = [
         sample([5, 6, 7], 3, [10, 11, 12, EOS]),
@@ -72,8 +74,9 @@ def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     graphs_before = counters["stats"]["unique_graphs"]  # the counters outlive reset()
     model = tiny_lm()
     batch = mixed_batch()
-    batch.pop("idx")
-    ref_loss, ref_logits = reference_forward(model, LATENT, **batch)
+    ref_loss, ref_logits = reference_forward(
+        model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels
+    )
     ref_loss.backward()
     ref_grads = grads(model)
     model.zero_grad()
@@ -81,12 +84,11 @@ def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     if checkpointing:
         enable_latent_checkpointing(model.model.layers)
         model.train()  # checkpointing only acts with grad enabled; dropout is 0 in this config
-    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    coconut.compile_latent_passes = compile_mode
-    out = coconut(**batch, return_logits=True)
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD, compile_latent_passes=compile_mode)
+    out = coconut(batch, return_logits=True)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    mask = batch["attention_mask"].bool()
+    mask = batch.attention_mask.bool()
     torch.testing.assert_close(out.logits[mask], ref_logits[mask], rtol=1e-4, atol=1e-5)
     assert_close_grads(grads(model), ref_grads)
     assert coconut.gen_forward_cnt == 4  # 3 latents → 4 passes
@@ -95,8 +97,7 @@ def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     assert (graphs > graphs_before) == (compile_mode is not None)  # the passes ran compiled exactly when asked
     if compile_mode:
         other = MyCollator(PAD, LATENT)([sample([5, 6], 2, [10, EOS]), sample([7, 8, 9, 13, 14], 4, [11, 12, EOS])])
-        other.pop("idx")
-        coconut(**other).loss.backward()
+        coconut(other).loss.backward()
         assert counters["stats"]["unique_graphs"] == graphs  # other lengths and latent counts: no recompile
 
 
@@ -108,11 +109,10 @@ def test_latent_column_multiple_leaves_loss_and_grads_unchanged():
     runs = []
     for multiple in (1, 8):
         batch = MyCollator(PAD, LATENT, column_multiple=multiple)(feats)
-        batch.pop("idx")
         model.zero_grad()
-        loss = coconut(**batch).loss
+        loss = coconut(batch).loss
         loss.backward()
-        runs.append((int((batch["input_ids"][0] == LATENT).nonzero()[0]), loss.detach(), grads(model)))
+        runs.append((int((batch.input_ids[0] == LATENT).nonzero()[0]), loss.detach(), grads(model)))
     (column, loss, grad), (padded_column, padded_loss, padded_grad) = runs
     assert (column, padded_column) == (4, 8)
     torch.testing.assert_close(padded_loss, loss, rtol=1e-5, atol=1e-6)
@@ -127,8 +127,7 @@ def test_checkpointing_recomputes_in_backward():
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # pre: recompute stops early
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = mixed_batch()
-    batch.pop("idx")
-    out = coconut(**batch)
+    out = coconut(batch)
     n_forward = len(calls)
     out.loss.backward()
     assert n_forward == 4 and len(calls) == 2 * n_forward
@@ -138,9 +137,9 @@ def test_zero_latent_batch_is_plain_forward():
     model = tiny_lm()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = MyCollator(PAD, LATENT)([sample([1, 2, 3], 0, [4, 5, EOS], False), sample([7, 8], 0, [9, EOS], False)])
-    batch.pop("idx")
-    out = coconut(**batch)
-    plain = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")})
+    out = coconut(batch)
+    plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  labels=batch.labels)
     torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-6)
     assert coconut.gen_forward_cnt == 1 and out.thought_norm is None
 
@@ -151,16 +150,49 @@ def test_misaligned_latents_raise():
     ids = torch.tensor([[1, START, LATENT, LATENT, END, 4], [1, 2, START, LATENT, END, 4]])
     ones = torch.ones_like(ids)
     with pytest.raises(LatentLayoutError):
-        coconut(ids, ones, ids, torch.arange(6).expand(2, 6))
+        coconut(Batch(input_ids=ids, attention_mask=ones, position_ids=torch.arange(6).expand(2, 6), labels=ids))
+
+
+def test_hand_built_batch_finds_the_collators_latent_layout():
+    """The collator hands over the latent column and counts (no device read); a Batch without them
+    gets them found on the device: the same numbers, the same loss."""
+    model = tiny_lm()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = mixed_batch()
+    assert (batch.latent_column, batch.latent_counts) == (7, (3, 1, 2, 0))
+    bare = dataclasses.replace(batch, latent_column=None, latent_counts=None)
+    with torch.no_grad():
+        torch.testing.assert_close(coconut(bare).loss, coconut(batch).loss, rtol=0, atol=0)
+    assert coconut.gen_forward_cnt == 8  # 3 latents → 4 passes, twice
+
+
+def test_filled_embeds_only_on_request_and_equal_naive_filling():
+    """return_filled_embeds gives the input embeddings with every latent replaced by its thought, as
+    filling the latents one at a time with full forwards gives them; without it none are built."""
+    model = tiny_lm()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = mixed_batch()
+    mask, positions = batch.attention_mask, batch.position_ids
+    with torch.no_grad():
+        assert coconut(batch).inputs_embeds is None
+        filled = coconut(batch, return_filled_embeds=True).inputs_embeds
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        latents = [(row == LATENT).nonzero().flatten().tolist() for row in batch.input_ids]
+        for i in range(max(map(len, latents))):
+            hidden = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                           output_hidden_states=True).hidden_states[-1]
+            for b, pos in enumerate(latents):
+                if len(pos) > i:
+                    embeds[b, pos[i]] = hidden[b, pos[i] - 1]
+    torch.testing.assert_close(filled[mask.bool()], embeds[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
 def test_global_normalisation_divides_by_given_count():
     model = tiny_lm()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = mixed_batch()
-    batch.pop("idx")
-    mean = coconut(**batch)
-    scaled = coconut(**batch, num_items_in_batch=torch.tensor(100.0))
+    mean = coconut(batch)
+    scaled = coconut(batch, num_items_in_batch=torch.tensor(100.0))
     torch.testing.assert_close(scaled.loss * 100, mean.loss * mean.num_label_tokens, rtol=1e-5, atol=1e-5)
 
 
@@ -189,13 +221,9 @@ def assert_batched_equals_one_by_one(coconut: Coconut, max_new_tokens: int) -> N
     """Each prompt's tokens from a left-padded batch equal generating it alone."""
     collate = MyCollator(PAD, LATENT)
     feats = prompts()
-    batch = collate(feats)
-    batch.pop("idx")
-    batched = coconut.generate(**batch, max_new_tokens=max_new_tokens)
+    batched = coconut.generate(collate(feats), max_new_tokens=max_new_tokens)
     for i, f in enumerate(feats):
-        one = collate([f])
-        one.pop("idx")
-        alone = coconut.generate(**one, max_new_tokens=max_new_tokens)
+        alone = coconut.generate(collate([f]), max_new_tokens=max_new_tokens)
         assert strip(batched[i]) == strip(alone[0]), i
 
 
@@ -209,10 +237,9 @@ def test_generation_equals_naive_greedy_without_cache():
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     feat = prompts()[0]
     batch = MyCollator(PAD, LATENT)([feat])
-    batch.pop("idx")
-    fast = strip(coconut.generate(**batch, max_new_tokens=10)[0])
+    fast = strip(coconut.generate(batch, max_new_tokens=10)[0])
 
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     n = int((ids == LATENT).sum())
     labels = torch.full_like(ids, -100)
     from tests.latent_reference import reference_embeds

@@ -10,6 +10,7 @@ import pytest
 from dataset import (
     DataError,
     LatentIds,
+    LatentLayoutError,
     MyCollator,
     check_tokenization,
     get_cot_latent_dataset,
@@ -146,7 +147,7 @@ def test_collator_aligns_first_latent_column(tok, data_file):
     feats = get_cot_latent_dataset(2, base, config, IDS)
     feats.append(get_cot_latent_dataset(0, base[:1], cfg(cot=True), IDS)[0])  # no latents at all
     batch = MyCollator(tok.pad_token_id, IDS.latent)(feats)
-    ids, mask, pos, labels = batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["labels"]
+    ids, mask, pos, labels = batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels
     columns = {row.tolist().index(IDS.latent) for row in ids[:4]}
     assert len(columns) == 1  # every sample's first latent in one column
     for row, f in enumerate(feats):
@@ -157,6 +158,31 @@ def test_collator_aligns_first_latent_column(tok, data_file):
         assert labels[row, real].tolist() == f["labels"]
         assert (labels[row][mask[row] == 0] == -100).all()
     assert ids[4].tolist()[: len(feats[4]["input_ids"])] == feats[4]["input_ids"]  # no latents: no left pad
+
+
+def _feature(input_ids: list[int], idx: int = 0) -> dict:
+    n = len(input_ids)
+    return {"input_ids": input_ids, "labels": input_ids, "attention_mask": [1] * n, "position_ids": list(range(n)),
+            "idx": idx}
+
+
+def test_collator_hands_over_the_latent_layout_and_refuses_split_latents():
+    """The Batch carries the shared latent column and the counts (found on the host); a sample whose
+    latents are not one run is refused, naming its record."""
+    latent = 9
+    batch = MyCollator(0, latent)([_feature([1, 2, latent, latent, 3]), _feature([1, latent, 3]), _feature([4, 5])])
+    assert (batch.latent_column, batch.latent_counts) == (2, (2, 1, 0))
+    assert batch.input_ids[:, 2].tolist() == [latent, latent, 0]  # the sample without latents: right padding
+    with pytest.raises(LatentLayoutError, match="record 7"):
+        MyCollator(0, latent)([_feature([1, latent, 2, latent, 3], idx=7)])
+
+
+def test_batch_to_a_device_leaves_idx_on_the_host():
+    batch = MyCollator(0, 9)([_feature([1, 9, 3], idx=5)])
+    moved = batch.to("meta")
+    assert {moved.input_ids.device.type, moved.labels.device.type, moved.position_ids.device.type} == {"meta"}
+    assert moved.idx.device.type == "cpu" and moved.idx.tolist() == [5]
+    assert moved.latent_counts == (1,)
 
 
 @pytest.mark.parametrize(

@@ -106,20 +106,20 @@ def test_collator_concatenates_tiles_in_batch_order(tmp_path, processor):
     dataset = MultimodalDataset(stage, media, config, str(path))
     items = [dataset[i] for i in (1, 2, 0, 3)]
     batch = MultimodalCollator(tok.pad_token_id, ids.latent)(items)
-    assert batch["num_patches_list"].tolist() == [4, 0, 1, 5]
+    assert batch.num_patches.tolist() == [4, 0, 1, 5]
     per_sample_pixels = [
         model_card_pixels(image_dir, ["wide.png"], 6),  # record 1
         model_card_pixels(image_dir, ["square.png"], 6),  # record 0 (record 2 has no image)
         model_card_pixels(image_dir, ["square.png", "tall.png"], 3),  # record 3: two images, 6 // 2 tiles each
     ]
     expected = torch.cat(per_sample_pixels)
-    assert batch["pixel_values"].shape == (10, 3, 56, 56)
-    torch.testing.assert_close(batch["pixel_values"], expected, rtol=0, atol=1e-6)
+    assert batch.pixel_values.shape == (10, 3, 56, 56)
+    torch.testing.assert_close(batch.pixel_values, expected, rtol=0, atol=1e-6)
     assert not torch.allclose(torch.cat(per_sample_pixels[::-1]), expected)  # reverse sample order would show
-    per_sample = (batch["input_ids"] == tokens.context).sum(1)
+    per_sample = (batch.input_ids == tokens.context).sum(1)
     assert per_sample.tolist() == [n * tokens.per_tile for n in [4, 0, 1, 5]]
     no_images = MultimodalCollator(tok.pad_token_id, ids.latent)([items[1]])
-    assert no_images["pixel_values"] is None and no_images["num_patches_list"].tolist() == [0]
+    assert no_images.pixel_values is None and no_images.num_patches.tolist() == [0]
 
 
 def test_several_images_split_the_tile_budget(tmp_path, processor):

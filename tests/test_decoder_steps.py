@@ -10,7 +10,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from coconut import Coconut
-from dataset import MyCollator
+from dataset import Batch, MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
 from hf_compat import GROUPED_SDPA, KVSplit, grouped_rows_mask
 from latent_checkpoint import enable_latent_checkpointing
@@ -65,10 +65,8 @@ def dynamic_rope_lm(seed: int):
     return type(model)(model.config).eval()
 
 
-def padded_prompts() -> dict:
-    batch = MyCollator(PAD, LATENT)(prompts())
-    batch.pop("idx")
-    return batch
+def padded_prompts() -> Batch:
+    return MyCollator(PAD, LATENT)(prompts())
 
 
 def run(decoder, steps: int) -> None:
@@ -86,15 +84,15 @@ def test_static_decoder_equals_cache_decoder(rope):
     batch = padded_prompts()
     steps, new = 10, 11
     with torch.no_grad():
-        static = adapter.greedy_decoder(coconut.encode_prompt(**batch), new, EOS, PAD)
+        static = adapter.greedy_decoder(coconut.encode_prompt(batch), new, EOS, PAD)
         assert isinstance(static, StaticGreedyDecoder)
         run(static, steps)
-        prompt = coconut.encode_prompt(**batch)
+        prompt = coconut.encode_prompt(batch)
         general = CacheGreedyDecoder(adapter, prompt, new, EOS, PAD)
         run(general, steps)
     assert torch.equal(static.tokens, general.tokens)
     assert torch.equal(static.finished, general.finished)
-    start = batch["input_ids"].shape[1]
+    start = batch.input_ids.shape[1]
     for idx, layer in enumerate(general.prompt.cache.layers):
         for ours, theirs in ((static.cache.keys[idx], layer.keys), (static.cache.values[idx], layer.values)):
             # fp32 rounding only: the static steps' attention reads the K/V heads grouped
@@ -106,7 +104,7 @@ def test_static_decoder_pads_after_eos_and_stops_writing():
     model = tiny_lm(seed=6)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     with torch.no_grad():
-        prompt = coconut.encode_prompt(**padded_prompts())
+        prompt = coconut.encode_prompt(padded_prompts())
         prompt.logits[1] = 0
         prompt.logits[1, EOS] = 1  # sample 1 ends at once
         decoder = coconut.adapter.greedy_decoder(prompt, 6, EOS, PAD)
@@ -133,7 +131,7 @@ def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
     model = tiny_lm(seed=8)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="cuda_graph decoding needs one process"):
-        coconut.generate(**padded_prompts(), max_new_tokens=4, cuda_graph=True)
+        coconut.generate(padded_prompts(), max_new_tokens=4, cuda_graph=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
@@ -142,12 +140,12 @@ def test_cuda_graph_decoding_equals_eager(dtype):
     """Replaying the captured step gives the eager step's tokens (same kernels), under autocast too."""
     model = tiny_lm(seed=9).cuda()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    batch = {k: v.cuda() for k, v in padded_prompts().items()}
+    batch = padded_prompts().to("cuda")
     cast = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
     with cast:
-        eager = coconut.generate(**batch, max_new_tokens=12)
-        graphed = coconut.generate(**batch, max_new_tokens=12, cuda_graph=True)
-        again = coconut.generate(**batch, max_new_tokens=12, cuda_graph=True)
+        eager = coconut.generate(batch, max_new_tokens=12)
+        graphed = coconut.generate(batch, max_new_tokens=12, cuda_graph=True)
+        again = coconut.generate(batch, max_new_tokens=12, cuda_graph=True)
     assert torch.equal(eager, graphed)
     assert torch.equal(graphed, again)
 
@@ -155,12 +153,11 @@ def test_cuda_graph_decoding_equals_eager(dtype):
 def test_generation_with_latent_checkpointing_equals_without():
     """Checkpointed layers (wrapped forward) still receive the cache in the direct layer calls."""
     batch = MyCollator(PAD, LATENT)(prompts())
-    batch.pop("idx")
     plain = Coconut(tiny_lm(seed=10), LATENT, START, END, EOS, pad_token_id=PAD)
     wrapped_model = tiny_lm(seed=10)
     enable_latent_checkpointing(wrapped_model.model.layers)
     wrapped = Coconut(wrapped_model, LATENT, START, END, EOS, pad_token_id=PAD)
-    assert torch.equal(plain.generate(**batch, max_new_tokens=8), wrapped.generate(**batch, max_new_tokens=8))
+    assert torch.equal(plain.generate(batch, max_new_tokens=8), wrapped.generate(batch, max_new_tokens=8))
 
 
 def test_host_reads_per_step_do_not_grow_with_latents():
@@ -171,13 +168,12 @@ def test_host_reads_per_step_do_not_grow_with_latents():
     reads = []
     for n in (2, 5):
         batch = collate([sample([5, 6, 7], n, [10, 11, EOS]), sample([8, 9], n, [12, EOS])])
-        batch.pop("idx")
         with HostReads() as counter:
-            coconut(**batch).loss.backward()
+            coconut(batch).loss.backward()
         reads.append(counter.count)
     assert reads[0] == reads[1] > 0
     with torch.no_grad():
-        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(**padded_prompts()), 6, EOS, PAD)
+        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(padded_prompts()), 6, EOS, PAD)
         with HostReads() as counter:
             run(decoder, 5)
     assert counter.count == 0
@@ -186,15 +182,15 @@ def test_host_reads_per_step_do_not_grow_with_latents():
 def test_unpadded_batch_runs_without_a_mask_and_equals_reference():
     """Nothing padded: the one-token passes pass no mask (as transformers does) and stay exact."""
     batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9, 4], 3, [12, 13, EOS])])
-    batch.pop("idx")
-    assert bool(batch["attention_mask"].all())
+    assert bool(batch.attention_mask.all())
     model = dynamic_rope_lm(seed=12)
-    ref_loss, _ = reference_forward(model, LATENT, **batch)
+    ref_loss, _ = reference_forward(model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                    batch.labels)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"], DynamicCache())
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    stepper = coconut.adapter.latent_stepper(embeds, batch.attention_mask, batch.position_ids, DynamicCache())
     assert stepper is not None and stepper.mask is None
-    torch.testing.assert_close(coconut(**batch).loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(coconut(batch).loss, ref_loss, rtol=1e-5, atol=1e-6)
 
 
 class _Attention(torch.nn.Module):
@@ -236,20 +232,19 @@ def test_latent_and_decode_steps_keep_kv_heads_grouped():
     model = tiny_lm(seed=14)
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9], 3, [12, EOS])])
-    batch.pop("idx")
-    assert not bool(batch["attention_mask"].all())
-    embeds = model.get_input_embeddings()(batch["input_ids"])
+    assert not bool(batch.attention_mask.all())
+    embeds = model.get_input_embeddings()(batch.input_ids)
     cache = DynamicCache(config=model.config)
-    stepper = coconut.adapter.latent_stepper(embeds, batch["attention_mask"], batch["position_ids"], cache)
-    column = int((batch["input_ids"][0] == LATENT).nonzero()[0])
-    coconut.adapter.decode(embeds[:, :column], batch["attention_mask"][:, :column], batch["position_ids"][:, :column], cache)
+    stepper = coconut.adapter.latent_stepper(embeds, batch.attention_mask, batch.position_ids, cache)
+    column = int((batch.input_ids[0] == LATENT).nonzero()[0])
+    coconut.adapter.decode(embeds[:, :column], batch.attention_mask[:, :column], batch.position_ids[:, :column], cache)
     with RepeatedKV() as repeats:
         hidden = stepper(embeds[:, column : column + 1], column)
         hidden = stepper.finish(embeds[:, column + 1 :], column + 1)
         hidden.sum().backward()
     assert repeats.count == 0
     with torch.no_grad():
-        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(**padded_prompts()), 6, EOS, PAD)
+        decoder = coconut.adapter.greedy_decoder(coconut.encode_prompt(padded_prompts()), 6, EOS, PAD)
         with RepeatedKV() as repeats:
             run(decoder, 5)
     assert repeats.count == 0
@@ -278,8 +273,7 @@ def test_latent_passes_keep_no_copy_of_the_cache():
     saved = []
     for n in (2, 6):
         batch = MyCollator(PAD, LATENT)([sample(question, n, [10, 11, EOS]), sample(question[3:], n, [12, EOS])])
-        batch.pop("idx")
-        saved.append(saved_bytes(lambda: coconut(**batch).loss))
+        saved.append(saved_bytes(lambda: coconut(batch).loss))
     # one layer's K and V over the 253-token prefix: 2 tensors x 2 samples x 2 K/V heads x 253 x 8 x 4 bytes
     one_copy = 2 * 2 * 2 * 253 * 8 * 4
     assert 0 < saved[1] - saved[0] < 4 * one_copy  # 4 more passes over 2 layers: 8 copies and more before

@@ -169,8 +169,8 @@ def test_generate_hands_back_the_thoughts_it_fed_back(setup):  # noqa: F811
              prompt(tok, ids, image_tokens, 0, 2, "no image here"),
              prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False)]
     batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(feats), model.device)
-    tokens, thoughts = coconut.generate(**batch, max_new_tokens=4, thought_top_k=3)
-    assert torch.equal(tokens, coconut.generate(**batch, max_new_tokens=4))
+    tokens, thoughts = coconut.generate(batch, max_new_tokens=4, thought_top_k=3)
+    assert torch.equal(tokens, coconut.generate(batch, max_new_tokens=4))
     assert thoughts.counts.tolist() == [3, 1, 2, 0]
     for row, feature in enumerate(feats):
         expected = naive_thoughts(model, ids.latent, feature)

@@ -25,7 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import run
 import utils
 from coconut import Coconut
-from dataset import LatentIds
+from dataset import Batch, LatentIds
 from errors import ModelSetupError
 from latent_checkpoint import enable_latent_checkpointing
 from lora import apply_lora
@@ -83,7 +83,7 @@ def merged_by_hand(tiny_model_dir, lora: torch.nn.Module, ids) -> torch.nn.Modul
     return model
 
 
-def batch_of(processor, ids) -> dict:
+def batch_of(processor, ids) -> Batch:
     tok = processor.tokenizer
     samples = mixed(tok, ids, ImageTokens.from_processor(processor))
     return as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(samples))
@@ -104,18 +104,18 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
     batch = batch_of(processor, ids)
     if checkpointing:
         enable_latent_checkpointing(model.model.language_model.layers)
-    out = coconut(model, processor, ids)(**batch)
+    out = coconut(model, processor, ids)(batch)
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
 
-    ref_loss, _ = reference_forward(model, ids.latent, batch["input_ids"], batch["attention_mask"],
-                                    batch["position_ids"], batch["labels"], batch["pixel_values"])
+    ref_loss, _ = reference_forward(model, ids.latent, batch.input_ids, batch.attention_mask,
+                                    batch.position_ids, batch.labels, batch.pixel_values)
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_close_grads(got, grads(model))
 
-    merged_out = coconut(merged, processor, ids)(**batch)
+    merged_out = coconut(merged, processor, ids)(batch)
     merged_out.loss.backward()
     torch.testing.assert_close(out.loss, merged_out.loss, rtol=1e-5, atol=1e-6)
     g = dict(merged.named_parameters())
@@ -160,13 +160,13 @@ def test_a_text_only_lm_gets_the_same_adapters_and_rows(tied):
             if "lora_B" in name or name.endswith(".rows"):
                 p.add_(0.2 * torch.randn_like(p))
     assert (model.lm_head.rows is model.model.embed_tokens.rows) is tied
-    batch = {k: v for k, v in mixed_batch().items() if k != "idx"}
-    out = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)(**batch)
+    batch = mixed_batch()
+    out = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)(batch)
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
-    ref_loss, _ = reference_forward(model, LATENT, batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                    batch["labels"])
+    ref_loss, _ = reference_forward(model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                    batch.labels)
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_close_grads(got, grads(model))
@@ -226,7 +226,7 @@ def test_only_the_three_rows_of_embeddings_and_head_move_in_training(tiny_model_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    coconut(model, processor, ids)(**batch_of(processor, ids)).loss.backward()
+    coconut(model, processor, ids)(batch_of(processor, ids)).loss.backward()
     optimizer.step()
     after = model.state_dict()
     for name in ("model.language_model.embed_tokens", "lm_head"):
@@ -279,10 +279,10 @@ def _adapter(checkpoint) -> dict:
     return load_file(checkpoint / "model" / "adapter" / "adapter_model.safetensors")
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
+def _logits(model, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     pixel_values=batch["pixel_values"]).logits
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     pixel_values=batch.pixel_values).logits
 
 
 @pytest.mark.slow

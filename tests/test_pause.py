@@ -17,6 +17,7 @@ import torch
 
 import run
 from coconut import Coconut
+from dataset import Batch
 from saved_run import read_saved_run
 from tests.run_helpers import demo_config, metrics
 from tests.test_coconut_text import END, EOS, LATENT, PAD, START, grads, mixed_batch, tiny_lm
@@ -33,14 +34,14 @@ def test_all_method_keys_false_is_pause_with_markers_and_latents():
 def test_pause_loss_and_gradients_are_the_plain_lm_on_latent_tokens():
     model = tiny_lm()
     batch = mixed_batch()
-    batch.pop("idx")
-    reference = model(**batch)  # the original's pause mode: the plain LM, labels and all
+    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
+                      position_ids=batch.position_ids)  # the original's pause mode: the plain LM, labels and all
     reference.loss.backward()
     expected = grads(model)
     model.zero_grad()
 
     pause = Coconut(model, LATENT, START, END, EOS, PAD, feed_thoughts=False)
-    out = pause(**batch)
+    out = pause(batch)
     out.loss.backward()
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-6, atol=1e-7)
     got = grads(model)
@@ -49,7 +50,7 @@ def test_pause_loss_and_gradients_are_the_plain_lm_on_latent_tokens():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
     model.zero_grad()
     # Coconut on the same batch feeds thoughts back: another loss
-    coconut = Coconut(model, LATENT, START, END, EOS, PAD)(**batch).loss.detach()
+    coconut = Coconut(model, LATENT, START, END, EOS, PAD)(batch).loss.detach()
     assert abs(float(coconut) - float(reference.loss.detach())) > 1e-4
 
 
@@ -63,7 +64,7 @@ def test_pause_generation_is_the_plain_lms_greedy_generate():
         mask = torch.ones_like(ids)
         expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                   eos_token_id=EOS, pad_token_id=PAD)[0, len(prompt):].tolist()
-        got = pause.generate(ids, mask, max_new_tokens=12)[0].tolist()
+        got = pause.generate(Batch(ids, mask, torch.arange(len(prompt))[None]), max_new_tokens=12)[0].tolist()
         assert got[: len(expected)] == expected, prompt
 
 

@@ -112,7 +112,7 @@ def test_latent_column_multiple_pads_the_training_batches_and_keeps_the_results(
 
     def recording(self, features):
         batch = collate(self, features)
-        latent = (batch["input_ids"] == self.latent_id).nonzero()
+        latent = (batch.input_ids == self.latent_id).nonzero()
         if len(latent):
             columns.append(int(latent[:, 1].min()))
         return batch

@@ -110,9 +110,10 @@ class EmittingModel(nn.Module):
         self.eos_token_id, self.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.start_latent_id, self.latent_token_id, self.end_latent_id = ids.start, ids.latent, ids.end
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, thought_top_k, **kwargs):
+    def generate(self, batch, max_new_tokens, thought_top_k):
+        input_ids = batch.input_ids
         rows = [self.tokenizer.encode(self.outputs[tuple(i[m.bool()].tolist())]) + [self.eos_token_id]
-                for i, m in zip(input_ids, attention_mask)]
+                for i, m in zip(input_ids, batch.attention_mask)]
         width = max(map(len, rows))
         tokens = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows])
         counts = (input_ids == self.latent_token_id).sum(1)

@@ -275,10 +275,10 @@ def test_coconut_forward_on_video_batch(tmp_path, tiny_model_dir):
     stage = get_cot_latent_dataset(1, samples, config, ids)  # first step → one continuous thought
     dataset = MultimodalDataset(stage, media, config, str(path))
     batch = MultimodalCollator(tok.pad_token_id, ids.latent)([dataset[i] for i in range(3)])
-    assert batch["num_patches_list"].tolist() == [4 * 1, 3 * 3, 0]  # 64x48 → 1 tile, 160x48 → 2 + thumbnail
-    assert batch["pixel_values"].shape == (13, 3, 56, 56)
-    assert (batch["input_ids"] == tokens.context).sum(1).tolist() == [4 * 4, 9 * 4, 0]
-    assert (batch["input_ids"] == ids.latent).sum(1).tolist() == [1, 1, 1]
+    assert batch.num_patches.tolist() == [4 * 1, 3 * 3, 0]  # 64x48 → 1 tile, 160x48 → 2 + thumbnail
+    assert batch.pixel_values.shape == (13, 3, 56, 56)
+    assert (batch.input_ids == tokens.context).sum(1).tolist() == [4 * 4, 9 * 4, 0]
+    assert (batch.input_ids == ids.latent).sum(1).tolist() == [1, 1, 1]
 
     coconut = Coconut(model, ids.latent, ids.start, ids.end, tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision_inputs = []
@@ -286,7 +286,7 @@ def test_coconut_forward_on_video_batch(tmp_path, tiny_model_dir):
         lambda m, args, kwargs: vision_inputs.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
         with_kwargs=True,
     )
-    out = coconut(**{k: v for k, v in batch.items() if k != "idx"})
+    out = coconut(batch)
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     assert vision_inputs == [13]  # all frame tiles of the batch through the vision tower once
     out.loss.backward()
