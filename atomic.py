@@ -8,6 +8,9 @@ both complete under temporary names: remove_leftovers then finishes the replacem
 temporary name has this one shape, so remove_leftovers removes what killed writers left and never
 a name it did not make. The pid keeps concurrent writers apart and tells a dead writer's leftovers
 from a live one's (on this host).
+
+Logs that grow a line at a time (metrics.jsonl, train_log.jsonl) are appended instead: their writers
+say why.
 """
 
 from __future__ import annotations
@@ -134,7 +137,8 @@ def remove_leftovers(directory: str | Path, names: Iterable[str] | None = None, 
     A replacement killed between its two renames is finished first: the new directory, complete
     under its temporary name, becomes `final`. Temporaries of processes still running on this host
     are kept, unless `everyone` (the caller knows that nobody else writes there: its own directory,
-    or a lock held) — then all are removed.
+    or a lock held) — then all are removed. This process's own count as leftovers: call it before
+    writing there.
     """
     directory = Path(directory)
     if not directory.is_dir():
