@@ -61,7 +61,7 @@ def start_dir(final: Path, pid: int | None = None) -> Path:
     one of them commits it."""
     tmp = temp_path(final, pid)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)  # final's parent too, as save_pretrained would
     return tmp
 
 

@@ -86,6 +86,9 @@ def test_an_error_leaves_the_old_directory_and_no_temporary(tmp_path):
         with atomic.atomic_dir(tmp_path / "fresh") as tmp:
             raise RuntimeError
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic.atomic_dir(tmp_path / "new" / "out") as tmp:  # a parent that is not there yet is made
+        write_dir(tmp, {"a.txt": "new"})
+    assert files(tmp_path / "new") == {"out/a.txt": "new"}
 
 
 def test_replace_false_refuses_an_existing_directory(tmp_path):
