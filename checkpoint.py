@@ -13,11 +13,10 @@ Each is a directory with
                        runs' epoch checkpoints: the next epoch starts a fresh AdamW anyway)
   rank_{r}.pt          step checkpoints: rank r's RNG states, running loss sums and loss scaler
   trainer_state.json   progress (TrainState); written last
-Every rank writes its parts into the hidden directory `.coconut-tmp-{name}`; rank 0 writes the
-state file and renames the directory into place only once every rank has reported its parts
+Every rank writes its parts into one temporary directory (atomic.py's, named with rank 0's pid); rank 0
+writes the state file and renames the directory into place only once every rank has reported its parts
 written. A kill at any moment therefore leaves either the previous checkpoints or the new one,
-never a half one that looks complete; leftovers of this project's own temporary names are removed
-on the next start, and nothing else is.
+never a half one that looks complete; the next start removes the leftovers (atomic.remove_leftovers).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+import atomic
 from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
 from distributed import all_reduce_host
 from lora import save_adapter, split_state
@@ -46,15 +46,11 @@ from model_setup import grow_embeddings
 
 PREFIX = "checkpoint_"
 STEP_PREFIX = "step_"
-TMP_PREFIX = ".coconut-tmp-"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 MODEL_DIR = "model"
 WRAPPER_PREFIX = "base_causallm."
 _NAME = re.compile(rf"({PREFIX}|{STEP_PREFIX})(\d+)")
-# what this project writes under a temporary name: checkpoints being written or dropped, and files
-# written atomically (metrics.jsonl, config.yaml); only these are ever removed as leftovers
-_LEFTOVER = re.compile(rf"{re.escape(TMP_PREFIX)}(({PREFIX}|{STEP_PREFIX})\d+(-old)?|metrics\.jsonl|config\.yaml)")
 
 
 @dataclasses.dataclass
@@ -204,7 +200,10 @@ def write_checkpoint(
     rank, every rank raises CheckpointError and the earlier checkpoints stay as they were.
     """
     save_dir = Path(save_dir)
-    final, tmp = save_dir / name, save_dir / f"{TMP_PREFIX}{name}"
+    final = save_dir / name
+    # every rank writes into the same temporary directory: the one named with rank 0's pid
+    pid = int(all_reduce_host([float(os.getpid() if rank == 0 else 0)])[0])
+    tmp = atomic.temp_path(final, pid)
 
     def agree(action: Callable[[], None]) -> None:
         error = None
@@ -222,13 +221,12 @@ def write_checkpoint(
 
     def start() -> None:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            atomic.start_dir(final, pid)
 
     def parts() -> None:
         if rank_part is not None:
             torch.save(rank_part, tmp / rank_file(rank))
-            _fsync_file(tmp / rank_file(rank))  # each rank flushes what it wrote (a shared file system)
+            atomic.fsync_file(tmp / rank_file(rank))  # each rank flushes what it wrote (a shared file system)
         if rank == 0:
             write_main(tmp)
 
@@ -236,9 +234,7 @@ def write_checkpoint(
         if rank == 0:
             # the state file marks completeness, so it is written last, once every part is there
             (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
-            _fsync_tree(tmp)
-            _replace_dir(tmp, final)
-            _fsync_dir(save_dir)
+            atomic.commit_dir(final, pid=pid)  # replaces a directory of that name (e.g. one without a state file)
 
     agree(start)
     agree(parts)
@@ -246,57 +242,12 @@ def write_checkpoint(
     return final
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():  # a directory of that name (e.g. one without a state file): swap, then drop it
-        old = final.with_name(f"{TMP_PREFIX}{final.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush file contents before the rename makes the checkpoint visible (power loss, not just kill)."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            _fsync_file(path)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, text: str) -> None:
-    """Replace a small file whole (through a temporary name); on error, nothing is left behind."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    """Replace a small file whole (atomic.write_text); a failure is one CheckpointError naming the file."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path}: {e.strerror or e}") from None
-
-
-def drop(path: Path) -> None:
-    """Delete a checkpoint: renamed out of sight first, so a kill mid-way leaves only a leftover."""
-    old = path.with_name(f"{TMP_PREFIX}{path.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune(save_dir: str | Path, landed: Path, keep_last: int) -> list[Path]:
@@ -312,21 +263,8 @@ def prune(save_dir: str | Path, landed: Path, keep_last: int) -> list[Path]:
         best = max(scored)[2] if scored else None
         dropped += [p for p, _ in epochs[:-keep_last] if p != best]
     for path in dropped:
-        drop(path)
+        atomic.remove_dir(path)
     return dropped
-
-
-def remove_partial(save_dir: str | Path) -> None:
-    """Delete what a killed save or write left under this project's temporary names, nothing else."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return
-    for path in save_dir.iterdir():
-        if _LEFTOVER.fullmatch(path.name):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
 
 
 # --- what resuming mid-epoch needs ---------------------------------------------------------------

@@ -17,14 +17,13 @@ kill at any moment never leaves a directory at the export's path.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from checkpoint import TMP_PREFIX, CheckpointError, model_dir_of
+import atomic
+from checkpoint import CheckpointError, model_dir_of
 from dataset import prompt_latents
 from lora import has_adapter, merge_adapter
 from model_setup import load_base_model, load_processor, tokenizer_of
@@ -100,37 +99,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     model = model.to(DTYPES[dtype])
     processor = load_processor(source, config.multimodal)
     configure_processor(processor, run)
-    _remove_abandoned(out_dir)
-    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic.remove_leftovers(out_dir.parent, [out_dir.name])  # killed exports to out_dir (their process is gone)
+    with atomic.atomic_dir(out_dir, replace=False) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_saved_run(tmp, run)
         (tmp / README_FILE).write_text(export_readme(run, dtype), encoding="utf-8")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _remove_abandoned(out_dir: Path) -> None:
-    """Delete the temporary directories of killed exports to out_dir (their process is gone)."""
-    for path in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def configure_processor(processor: Any, run: SavedRun) -> None:

@@ -63,7 +63,10 @@ class JsonlLogger:
         line = {k.removeprefix(self.prefix): v for k, v in metrics.items() if k.startswith(self.prefix)}
         if not line:
             return
-        try:  # flushed per line: a reader (the plots) sees every step, a kill loses at most the last one
+        # Appended, not rewritten through atomic.py (a whole-file rename per step would copy the log each
+        # time): a kill cuts at most this line short, read_jsonl skips it, and a resumed run rewrites the
+        # file whole when it opens it. Flushed per line: a reader (the plots) sees every step.
+        try:
             self.file.write(json.dumps({"step": step, **line}) + "\n")
             self.file.flush()
         except OSError as e:

@@ -8,12 +8,11 @@ no picture. The figure is drawn on matplotlib's Agg canvas directly: no pyplot s
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint import TMP_PREFIX
+import atomic
 from metric_logger import read_jsonl
 
 CURVES_FILE = "curves.png"
@@ -94,10 +93,6 @@ class Curves:
         figure = Figure(figsize=(15, 4.2), dpi=100)
         draw(figure, read_jsonl(self.save_dir / self.metrics_file), read_jsonl(self.save_dir / self.train_log_file))
         path = self.save_dir / CURVES_FILE
-        tmp = path.with_name(TMP_PREFIX + path.name)  # one name: a kill leaves one leftover, overwritten next time
-        try:
+        with atomic.atomic_file(path) as tmp:
             FigureCanvasAgg(figure).print_png(str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path

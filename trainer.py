@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import atomic
 import checkpoint as ckpt
 from coconut import Coconut
 from dataset import (
@@ -162,7 +163,8 @@ class Run:
             return
         if self.info.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.save_dir)
+            for directory in (self.save_dir, self.save_dir / PREDICTIONS_DIR):
+                atomic.remove_leftovers(directory, everyone=True)  # this run's own: nobody else writes there
         barrier()
         found = ckpt.newest_checkpoint(self.save_dir)
         if found is not None:
@@ -605,7 +607,8 @@ class Run:
             return
         if self.writes:
             path = self.save_dir / METRICS_FILE
-            try:
+            try:  # appended, not rewritten through atomic.py: a kill cuts at most this line short, which
+                # read_metrics skips and resuming rewrites (_restore_metrics), and earlier lines are never at risk
                 with open(path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:

@@ -10,10 +10,7 @@ once into the native layout (weights, config, processor) and never executes code
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
+import atomic
 from errors import ModelSetupError
 from multimodal.internvl import internvl_processor
 from utils import is_local_model_path
@@ -303,17 +301,11 @@ def convert_original_checkpoint(src_dir: str | Path, dst_dir: str | Path) -> Pat
         model.generation_config = GenerationConfig.from_pretrained(src)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    # no atomic.remove_leftovers here: a cache may be shared by hosts, whose running conversions this one cannot see
+    with atomic.atomic_dir(dst, replace=False) as tmp:  # FileExistsError if another process converted it meanwhile
         model.save_pretrained(tmp)  # safetensors, the only format in transformers 5.x
         _processor(tokenizer, original, config).save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps({"source": str(src.resolve()), "fingerprint": _fingerprint(src)}))
-        try:
-            os.rename(tmp, dst)
-        except OSError as error:  # dst appeared meanwhile (another process converted it)
-            raise FileExistsError(dst) from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
@@ -364,9 +356,7 @@ def resolve_model(model_id: str, cache_dir: str | Path, trust_remote_code: bool 
         if _is_converted_from(dst, src):
             return str(dst)
         if dst.exists():  # stale or foreign: move aside atomically, then delete
-            stale = dst.parent / f".{dst.name}.stale-{uuid.uuid4().hex[:8]}"
-            os.rename(dst, stale)
-            shutil.rmtree(stale)
+            atomic.remove_dir(dst)
         try:
             convert_original_checkpoint(src, dst)
         except FileExistsError:

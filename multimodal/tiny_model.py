@@ -16,8 +16,6 @@ import fcntl
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.resources import files
@@ -35,6 +33,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import atomic
 from multimodal.internvl import internvl3_config, internvl_processor
 
 # Qwen2/Qwen2.5 pre-tokenizer (single digits, no 1-3 digit groups); both tokenizers use it.
@@ -342,20 +341,10 @@ def ensure_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     with _locked(out_dir.parent):
         if _is_complete(out_dir, seed):  # another process finished while we waited
             return out_dir
-        for leftover in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            tmp_dir.chmod(0o755)  # mkdtemp makes it private; the cache is shared
+        atomic.remove_leftovers(out_dir.parent, [out_dir.name], everyone=True)  # builders hold the lock: all gone
+        with atomic.atomic_dir(out_dir) as tmp_dir:  # replaces a partial, outdated or other-seed build
             build_tiny_model(tmp_dir, seed=seed)
             (tmp_dir / COMPLETE_MARKER).write_text(json.dumps({"seed": seed, "version": TINY_BUILD_VERSION}))
-            stale = tmp_dir.with_name(tmp_dir.name + "-old")  # matches the leftover glob above
-            if out_dir.exists():  # partial, outdated or other-seed build: move aside atomically first
-                os.rename(out_dir, stale)
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(stale, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 

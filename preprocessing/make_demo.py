@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import shutil
 from pathlib import Path
+
+import atomic
 
 DEMO_DIR = Path("data/easy_vqa_demo")
 DEMO_LIMITS = {"train": 2000, "val": 150}
@@ -47,11 +48,9 @@ def ensure_demo_data(out_dir: str | Path = DEMO_DIR) -> dict[str, int] | None:
 
 def _build_in_place(out_dir: Path, limits: dict[str, int]) -> dict[str, int]:
     """Built beside out_dir and renamed into place: an interrupted build leaves nothing a run would take for data."""
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # the builder's lines name the partial directory
-        counts = build_into(partial, limits)
-    os.replace(partial, out_dir)
+    atomic.remove_leftovers(out_dir.parent, [out_dir.name])
+    with atomic.atomic_dir(out_dir) as partial, contextlib.redirect_stdout(io.StringIO()):
+        counts = build_into(partial, limits)  # redirected: the builder's lines name the temporary directory
     print(f"built {out_dir}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " records")
     return counts
 
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parser.parse_args(argv)
     if args.sample:
         return build_into(SAMPLE_DIR, SAMPLE_LIMITS)
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    return _build_in_place(DEMO_DIR, DEMO_LIMITS)
+    return _build_in_place(DEMO_DIR, DEMO_LIMITS)  # replaces the one there
 
 
 if __name__ == "__main__":

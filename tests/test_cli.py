@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import atomic
 import run
 from tests.run_helpers import REPO, demo_config, subprocess_env
 from utils import Config, ConfigError, config_from_dict, load_config
@@ -166,10 +167,11 @@ def test_name_must_stay_inside_save_path(tmp_path, capsys, name):
 
 def test_an_absolute_name_leaves_the_directory_it_names_untouched(tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
-    (elsewhere / ".tmp-keep").mkdir(parents=True)  # a user's directory that a run's clean-up would delete
+    keep = atomic.temp_path(elsewhere / "checkpoint_1")  # what a run's clean-up would delete in its own directory
+    keep.mkdir(parents=True)
     config = config_file(tmp_path, name=str(elsewhere))
     cli_error(capsys, [config], config, "key 'name'")
-    assert [p.name for p in elsewhere.iterdir()] == [".tmp-keep"]
+    assert list(elsewhere.iterdir()) == [keep]
 
 
 def test_a_name_that_is_a_symlink_out_of_save_path_is_refused(tmp_path, capsys):

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+import atomic
 import run
 from export import chat_template
 from multimodal.dataset_mm import ImageTokens, tokenize_mm_records
@@ -181,7 +182,7 @@ def test_a_kill_at_any_write_of_the_export_leaves_no_export(trained, tmp_path):
     written = sorted(r["write"].split("/", 1)[1] for r in killed if not r["write"].startswith("rename"))
     assert written == finished["out_files"]  # every file of the export was a kill point, and the rename
     assert killed[-1]["write"].startswith("rename ")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []  # leftovers were removed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(atomic.TMP_PREFIX)] == []  # leftovers removed
     reference = tmp_path / "reference"
     assert run.main(["--export", str(trained), str(reference)]) == 0
     for name in finished["out_files"]:

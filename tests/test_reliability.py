@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM
 
+import atomic
 import checkpoint as ckpt
 import model_setup
 import run
@@ -362,7 +363,7 @@ def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_mode
     for epoch in (1, 2):
         shutil.copytree(straight / f"checkpoint_{epoch}", save_dir / f"checkpoint_{epoch}")
     # what a killed save leaves: the temporary directory, here even with a state file
-    partial = save_dir / f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}3"
+    partial = atomic.temp_path(save_dir / f"{ckpt.PREFIX}3")
     shutil.copytree(straight / "checkpoint_1", partial)
     (partial / ckpt.STATE_FILE).write_text(json.dumps({"epoch": 3, "step": 18, "best_acc": 0.0}))
     # a newer checkpoint directory without trainer_state.json (and with other weights)
@@ -370,7 +371,7 @@ def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_mode
     shutil.copytree(straight / "checkpoint_1", stateless)
     (stateless / ckpt.STATE_FILE).unlink()
     # the user's own hidden directories there are not this project's leftovers
-    theirs = [save_dir / ".tmp-notes", save_dir / f"{ckpt.TMP_PREFIX}mine", save_dir / f"{ckpt.TMP_PREFIX}checkpoint_x"]
+    theirs = [save_dir / n for n in (".tmp-notes", f"{atomic.TMP_PREFIX}mine", f"{atomic.TMP_PREFIX}checkpoint_x")]
     for path in theirs:
         path.mkdir()
         (path / "keep.txt").write_text("mine")

@@ -15,6 +15,7 @@ from transformers import (
     InternVLProcessor,
 )
 
+import atomic
 from multimodal import tiny_model
 from multimodal.tiny_model import (
     COMPLETE_MARKER,
@@ -114,7 +115,7 @@ def test_build_leaves_global_rng_alone(tmp_path: Path) -> None:
 
 def test_ensure_rebuilds_interrupted_build(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
-    leftover = tmp_path / ".ckpt.tmp-killed"  # a build killed before its rename
+    leftover = atomic.temp_path(out)  # a build killed before its rename
     leftover.mkdir()
     (leftover / "config.json").write_text("{}")
     out.mkdir()  # a partial checkpoint without the completion marker
