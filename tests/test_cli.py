@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import run
-from tests.run_helpers import REPO, demo_config, subprocess_env
+from tests.helpers.runs import REPO, demo_config, subprocess_env
 from utils import Config, ConfigError, config_from_dict, load_config
 
 HUB_ID = "nobody/never-loaded"  # a model_id the refusals below never get as far as loading

@@ -15,7 +15,7 @@ from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
 from hf_compat import GROUPED_SDPA, KVSplit, grouped_rows_mask
 from latent_checkpoint import enable_latent_checkpointing
 from tests.latent_reference import reference_forward
-from tests.test_coconut_text import (
+from tests.helpers.text_lm import (
     END,
     EOS,
     LATENT,

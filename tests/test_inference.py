@@ -11,33 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import run
 from inference import Inference
 from multimodal.collator_mm import MultimodalCollator
-from saved_run import SavedRun, read_saved_run, write_saved_run
+from tests.helpers.runs import REPO, demo_config, ensure_saved_run, torchrun
+from tests.helpers.tiny_vl import as_inputs, prompt
 from tests.latent_reference import reference_embeds
-from tests.run_helpers import REPO, demo_config
-from tests.test_coconut_mm import as_inputs, prompt, setup  # noqa: F401  (setup is a fixture)
-from tests.test_distributed import torchrun
 from utils import load_config
 
 VAL = REPO / "data" / "demo" / "val.json"
 IMAGES = REPO / "data" / "demo" / "images"
-
-
-def ensure_saved_run(checkpoint: Path, config_path: Path) -> None:
-    """Give a checkpoint's model/ its coconut_config.yaml where the trainer did not write one."""
-    model_dir = checkpoint / "model"
-    if read_saved_run(model_dir) is not None:
-        return
-    config = load_config(config_path)
-    epoch = int(checkpoint.name.removeprefix("checkpoint_"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
-    write_saved_run(model_dir, SavedRun(config, epoch, config.stage(epoch - 1), ids))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +146,7 @@ def naive_thoughts(model, latent_id: int, feature: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_generate_hands_back_the_thoughts_it_fed_back(setup):  # noqa: F811
+def test_generate_hands_back_the_thoughts_it_fed_back(setup):
     model, coconut, ids, tok, image_tokens = setup
     feats = [prompt(tok, ids, image_tokens, 1, 3, "what shape"),
              prompt(tok, ids, image_tokens, 5, 1, "what colour is the shape in the image"),

@@ -27,7 +27,7 @@ import checkpoint as ckpt
 import run
 from model_setup import add_latent_tokens, latent_rows_trained
 from saved_run import SavedRun
-from tests.run_helpers import demo_config, mm_config
+from tests.helpers.runs import demo_config, mm_config
 
 ROWS = ("start", "latent", "end")
 

@@ -33,10 +33,9 @@ from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
 from tests.latent_reference import reference_forward
-from tests.run_helpers import REPO, demo_config, metrics, mm_config, subprocess_env, weights
-from tests.test_coconut_mm import as_inputs, mixed
-from tests.test_coconut_text import (END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch,
-                                     tiny_lm)
+from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, weights
+from tests.helpers.tiny_vl import as_inputs, mixed
+from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch, tiny_lm
 from utils import ConfigError, config_from_dict
 
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)

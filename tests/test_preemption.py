@@ -31,8 +31,8 @@ import checkpoint as ckpt
 import preemption
 import run
 import trainer
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
-from tests.test_optimisation import assert_same_steps, recorded_run
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.recorded_run import assert_same_steps, recorded_run
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).

@@ -33,7 +33,7 @@ import checkpoint as ckpt
 import model_setup
 import run
 import trainer
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
 
 DEMO = REPO / "data" / "demo"
 # num_workers 0: one process, so a run is bit-for-bit reproducible (the fault tests compare exactly)

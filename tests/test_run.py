@@ -11,7 +11,7 @@ import run
 import trainer
 from checkpoint import complete_checkpoints
 from multimodal.collator_mm import MultimodalCollator
-from tests.run_helpers import demo_config, metrics, weights
+from tests.helpers.runs import demo_config, metrics, weights
 
 
 def test_demo_trains_all_stages_resumes_and_eval_only_matches(tmp_path, tiny_model_dir):
