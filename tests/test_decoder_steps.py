@@ -136,6 +136,7 @@ def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
         coconut.generate(**padded_prompts(), max_new_tokens=4, cuda_graph=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decoding_equals_eager(dtype):

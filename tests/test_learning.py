@@ -42,7 +42,7 @@ from preprocessing.make_demo import DEMO_DIR
 from tests.helpers.demo import BASELINE, check_infer_example, parse_demo, run_demo
 from tests.helpers.runs import demo_config, metrics
 
-pytestmark = pytest.mark.learning
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 MARGIN_ABOVE = 0.20  # real images: final accuracy at least this far above the text-only bar
 MARGIN_BLANK = 0.10  # blank images: final accuracy at most this far above it
