@@ -202,6 +202,7 @@ def test_a_model_id_that_is_a_file_is_refused(tmp_path, capsys):
     cli_error(capsys, [config], config, f"key 'model_id': no model directory {weights}")
 
 
+@pytest.mark.slow
 def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
     config = config_file(tmp_path, "nobody/no-such-model-xyz")
     env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -347,6 +348,7 @@ def test_requirements_list_every_third_party_import():
     assert not unused, f"listed but imported nowhere: {unused}"
 
 
+@pytest.mark.slow
 def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
     """Packages marked "optional: <path>" must not load with the training code: importing every module
     outside preprocessing/, bench/ and tests/ (what run.py, --export and training use) leaves them out."""
@@ -378,6 +380,7 @@ def _torchrun(*args: object) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_every_rank_refuses_a_bad_override_under_torchrun(tmp_path):
     config = config_file(tmp_path)
     result = _torchrun(config, "max_grad_norm=.nan")

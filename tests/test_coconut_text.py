@@ -27,7 +27,13 @@ from tests.latent_reference import reference_forward
 
 @pytest.mark.parametrize(
     "compile_mode,checkpointing",
-    [(None, False), (None, True), ("default", False), ("reduce-overhead", False), ("default", True)],
+    [
+        (None, False),
+        (None, True),
+        pytest.param("default", False, marks=pytest.mark.slow),  # compiling takes seconds
+        pytest.param("reduce-overhead", False, marks=pytest.mark.slow),
+        pytest.param("default", True, marks=pytest.mark.slow),
+    ],
 )
 def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     """Loss, logits and every gradient equal recomputing from scratch, eager or compiled

@@ -53,6 +53,7 @@ def assert_same_thoughts(got: list, expected: list) -> None:
             assert abs(x["p"] - y["p"]) <= 1e-5, (x, y)
 
 
+@pytest.mark.slow
 def test_predictions_file_has_one_line_per_val_record(stage2):
     _, _, predictions = stage2
     records = json.loads(VAL.read_text())
@@ -64,6 +65,7 @@ def test_predictions_file_has_one_line_per_val_record(stage2):
         assert all(len(t) == 5 and t[0]["p"] >= t[-1]["p"] for t in p["thoughts"])
 
 
+@pytest.mark.slow
 def test_infer_equals_the_predictions_file_on_every_val_record(stage2, capsys):
     _, checkpoint, predictions = stage2
     for record, expected in zip(json.loads(VAL.read_text()), predictions):
@@ -76,6 +78,7 @@ def test_infer_equals_the_predictions_file_on_every_val_record(stage2, capsys):
         assert_same_thoughts(reply["thoughts"], expected["thoughts"])
 
 
+@pytest.mark.slow
 def test_infer_on_a_data_file_writes_the_same_predictions(stage2, tmp_path, capsys):
     _, checkpoint, predictions = stage2
     out = tmp_path / "val.predictions.jsonl"
@@ -86,6 +89,7 @@ def test_infer_on_a_data_file_writes_the_same_predictions(stage2, tmp_path, caps
     assert read_jsonl(out) == predictions  # the same batches as the evaluation: identical
 
 
+@pytest.mark.slow
 def test_python_api_and_readable_output(stage2, capsys):
     _, checkpoint, predictions = stage2
     record = json.loads(VAL.read_text())[0]
@@ -103,6 +107,7 @@ def test_python_api_and_readable_output(stage2, capsys):
     assert lines[1] == "latents: 2" and lines[2].startswith("thought 1: ")
 
 
+@pytest.mark.slow
 def test_infer_errors_are_one_line(stage2, tmp_path, capsys):
     _, checkpoint, _ = stage2
     assert run.main(["--infer", str(checkpoint), "--image", str(tmp_path / "none.png"), "--question", "q"]) == 2

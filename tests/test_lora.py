@@ -349,6 +349,7 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
     assert metrics(tmp_path / "checkpoints" / "straight")[-1]["stage"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_resumes_its_adapters_only_with_the_same_lora_keys(tmp_path, tiny_model_dir, capsys):
     config = demo_config(tmp_path, tiny_model_dir, name="keys", num_epochs=1, use_llm_lora=4)
     assert run.main([str(config)]) == 0

@@ -25,6 +25,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_does(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
     """The original's rule (facebookresearch/coconut, run.py): inside the epoch loop (L242,

@@ -284,6 +284,7 @@ def _payload_pickle(path: Path, sentinel: Path) -> None:
     torch.save({"model.language_model.embed_tokens.weight": torch.zeros(1), "x": Payload()}, path)
 
 
+@pytest.mark.slow
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, tiny_model_dir, straight, capsys):
     state = AutoModelForImageTextToText.from_pretrained(straight / "checkpoint_1" / "model").state_dict()
     files = {}
@@ -386,6 +387,7 @@ def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_mode
     assert_same_weights(stateless, straight / "checkpoint_3")
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     config = demo_config(tmp_path, tiny_model_dir, name="full", **RUN_KEYS)
     save_dir = tmp_path / "checkpoints" / "full"
