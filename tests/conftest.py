@@ -1,10 +1,15 @@
-"""Shared fixtures: the offline tiny InternVL checkpoint and the exact InternVL3 tokenizer."""
+"""Shared fixtures: the offline tiny InternVL checkpoint, the exact InternVL3 tokenizer, the tiny InternVL
+wrapped in Coconut on each device."""
 
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedTokenizerFast
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
+from coconut import Coconut
+from model_setup import add_latent_tokens
+from multimodal.dataset_mm import ImageTokens
 from multimodal.tiny_model import build_internvl3_tokenizer, ensure_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -20,3 +25,24 @@ def tiny_model_dir() -> Path:
 def internvl3_tokenizer() -> PreTrainedTokenizerFast:
     """The real 151674-token InternVL3 tokenizer, built once per session (about 2 s)."""
     return build_internvl3_tokenizer()
+
+
+# CUDA is added where present (bench/gpu_check.sh runs the tests that use `setup` there); CPU always runs.
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def setup(tiny_model_dir, request):
+    """(model, coconut, latent ids, tokenizer, image tokens): the tiny InternVL with sharpened attention."""
+    torch.manual_seed(0)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.to(request.param)
+    ids = add_latent_tokens(processor.tokenizer, model)
+    with torch.no_grad():  # sharpen attention so that a wrong position or order changes the result
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    tok = processor.tokenizer
+    coconut = Coconut(model, ids.latent, ids.start, ids.end, tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return model, coconut, ids, tok, ImageTokens.from_processor(processor)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from coconut import Coconut
 from dataset import Batch, MyCollator
 from distributed import check_optimizer_params, release_gathered, shard
-from tests.test_coconut_text import END, EOS, LATENT, PAD, START, sample, tiny_lm
+from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, sample, tiny_lm
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
 

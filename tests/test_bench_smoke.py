@@ -92,6 +92,7 @@ def test_profile_reports_where_the_time_goes(tmp_path, tiny_model_dir):
     assert profiles["coconut"]["aten_ops"] > profiles["sft"]["aten_ops"] > 0
 
 
+@pytest.mark.slow
 def test_compiled_mode_measures_the_same_loss(tiny_model_dir):
     lines = main([*SMALL, "--latents", "3", "--modes", "coconut,coconut_compiled"])
     by_mode = {line["mode"]: line for line in lines}

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import checkpoint as ckpt
 import run
 from saved_run import read_saved_run
-from tests.run_helpers import demo_config
+from tests.helpers.runs import demo_config
 from utils import config_from_dict, load_config
 
 

@@ -23,8 +23,8 @@ import yaml
 
 import atomic
 import run
-from tests.run_helpers import REPO, demo_config, subprocess_env
-from utils import Config, ConfigError, config_from_dict, load_config
+from tests.helpers.runs import REPO, demo_config, subprocess_env
+from utils import Config, config_from_dict, load_config
 
 HUB_ID = "nobody/never-loaded"  # a model_id the refusals below never get as far as loading
 HEAVY = ("torch", "transformers", "numpy")
@@ -204,6 +204,7 @@ def test_a_model_id_that_is_a_file_is_refused(tmp_path, capsys):
     cli_error(capsys, [config], config, f"key 'model_id': no model directory {weights}")
 
 
+@pytest.mark.slow
 def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
     config = config_file(tmp_path, "nobody/no-such-model-xyz")
     env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
@@ -245,8 +246,8 @@ def test_remote_code_never_runs_or_prompts_unless_trusted(tmp_path, tiny_model_d
     """A text-only model whose config type exists only in its own code (auto_map): without trust_remote_code
     transformers would ask on stdin, and "y" would run it. It must neither ask nor run; the run stops with
     one line saying which key opts in."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     import transformers.dynamic_module_utils as dynamic
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model = tmp_path / "text_model"
     Qwen2ForCausalLM(Qwen2Config(vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -349,6 +350,7 @@ def test_requirements_list_every_third_party_import():
     assert not unused, f"listed but imported nowhere: {unused}"
 
 
+@pytest.mark.slow
 def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
     """Packages marked "optional: <path>" must not load with the training code: importing every module
     outside preprocessing/, bench/ and tests/ (what run.py, --export and training use) leaves them out."""
@@ -380,6 +382,7 @@ def _torchrun(*args: object) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_every_rank_refuses_a_bad_override_under_torchrun(tmp_path):
     config = config_file(tmp_path)
     result = _torchrun(config, "max_grad_norm=.nan")

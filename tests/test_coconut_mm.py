@@ -6,74 +6,19 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from coconut import Coconut, ImageFeatureMismatch
-from dataset import Batch
+from coconut import ImageFeatureMismatch
 from latent_checkpoint import enable_latent_checkpointing
-from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
-from multimodal.dataset_mm import ImageTokens
+from tests.helpers.text_lm import assert_close_grads, grads
+from tests.helpers.tiny_vl import mixed, prompt
 from tests.latent_reference import reference_forward
-from tests.test_coconut_text import assert_close_grads, grads
-
-
-# CUDA is added where present (the GPU check runs this file there); CPU always runs.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def setup(tiny_model_dir, request):
-    torch.manual_seed(0)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    model.to(request.param)
-    ids = add_latent_tokens(processor.tokenizer, model)
-    with torch.no_grad():  # sharpen attention so that a wrong position or order changes the result
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-    tok = processor.tokenizer
-    coconut = Coconut(model, ids.latent, ids.start, ids.end, tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return model, coconut, ids, tok, ImageTokens.from_processor(processor)
-
-
-def make_sample(tok, ids, image_tokens, n_tiles: int, n_latent: int, question: str, answer: str, markers=True):
-    q = (image_tokens.block(n_tiles) if n_tiles else []) + tok.encode(question + "\n")
-    latent = ([ids.start] if markers else []) + [ids.latent] * n_latent + ([ids.end] if markers else [])
-    rest = tok.encode("### " + answer) + [tok.eos_token_id]
-    seq = q + latent + rest
-    sample = {
-        "input_ids": seq,
-        "labels": [-100] * (len(q) + len(latent)) + rest,
-        "attention_mask": [1] * len(seq),
-        "position_ids": list(range(len(seq))),
-        "idx": 0,
-        "num_patches": n_tiles,
-    }
-    if n_tiles:
-        sample["pixel_values"] = torch.randn(n_tiles, 3, 56, 56)
-    return sample
-
-
-def mixed(tok, ids, image_tokens):
-    """1 and several tiles, a sample without an image, different latent counts, one without latents."""
-    return [
-        make_sample(tok, ids, image_tokens, 1, 3, "what shape", "circle"),
-        make_sample(tok, ids, image_tokens, 5, 1, "what colour is the shape in the image", "red"),
-        make_sample(tok, ids, image_tokens, 0, 2, "no image here", "yes"),
-        make_sample(tok, ids, image_tokens, 3, 0, "is it blue", "no", markers=False),
-    ]
-
-
-def as_inputs(batch: Batch, device="cpu") -> Batch:
-    return batch.to(device)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_forward_equals_reference(setup, checkpointing):
     model, coconut, ids, tok, image_tokens = setup
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
+    batch = MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)).to(model.device)
     ref_loss, _ = reference_forward(
         model, ids.latent, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels,
         batch.pixel_values,
@@ -96,7 +41,7 @@ def test_forward_equals_reference(setup, checkpointing):
 
 def test_placeholder_mismatch_raises(setup):
     model, coconut, ids, tok, image_tokens = setup
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
+    batch = MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)).to(model.device)
     wrong = batch.num_patches.clone()
     wrong[0], wrong[1] = wrong[1], wrong[0]  # same total tiles, assigned to the wrong samples
     with pytest.raises(ImageFeatureMismatch):
@@ -108,15 +53,6 @@ def test_placeholder_mismatch_raises(setup):
         coconut(dataclasses.replace(batch, pixel_values=big))
 
 
-def prompt(tok, ids, image_tokens, n_tiles, n_latent, question, markers=True):
-    s = make_sample(tok, ids, image_tokens, n_tiles, n_latent, question, "x", markers)
-    cut = s["labels"].index(next(l for l in s["labels"] if l != -100))
-    for key in ("input_ids", "attention_mask", "position_ids"):
-        s[key] = s[key][:cut]
-    del s["labels"]
-    return s
-
-
 def test_batched_generation_equals_one_by_one(setup):
     model, coconut, ids, tok, image_tokens = setup
     feats = [
@@ -126,9 +62,9 @@ def test_batched_generation_equals_one_by_one(setup):
         prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False),
     ]
     collate = MultimodalCollator(tok.pad_token_id, ids.latent)
-    batched = coconut.generate(as_inputs(collate(feats), model.device), max_new_tokens=8)
+    batched = coconut.generate(collate(feats).to(model.device), max_new_tokens=8)
     for i, f in enumerate(feats):
-        alone = coconut.generate(as_inputs(collate([f]), model.device), max_new_tokens=8)
+        alone = coconut.generate(collate([f]).to(model.device), max_new_tokens=8)
         n = alone.shape[1]
         assert batched[i, :n].tolist() == alone[0].tolist(), i
         assert (batched[i, n:] == tok.pad_token_id).all()
@@ -137,7 +73,7 @@ def test_batched_generation_equals_one_by_one(setup):
 def test_bf16_autocast_tracks_fp32(setup):
     """Mixed precision (as one process trains with bf16: true) stays close to the exact fp32 loss."""
     model, coconut, ids, tok, image_tokens = setup
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)), model.device)
+    batch = MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)).to(model.device)
     exact = coconut(batch).loss
     with torch.autocast(model.device.type, dtype=torch.bfloat16):
         mixed_loss = coconut(batch).loss

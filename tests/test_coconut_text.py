@@ -6,63 +6,37 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from coconut import Coconut, LatentLayoutError
 from dataset import Batch, MyCollator
 from latent_checkpoint import enable_latent_checkpointing
+from tests.helpers.text_lm import (
+    END,
+    EOS,
+    LATENT,
+    PAD,
+    START,
+    assert_batched_equals_one_by_one,
+    assert_close_grads,
+    grads,
+    mixed_batch,
+    prompts,
+    sample,
+    strip,
+    tiny_lm,
+)
 from tests.latent_reference import reference_forward
-
-VOCAB, START, LATENT, END, EOS, PAD = 64, 60, 61, 62, 63, 0
-
-
-def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(cfg).float().eval()
-
-
-def sample(question: list[int], n_latent: int, rest: list[int], markers: bool = True) -> dict:
-    latent = ([START] if markers else []) + [LATENT] * n_latent + ([END] if markers else [])
-    ids = question + latent + rest
-    prefix = len(question) + len(latent)
-    return {
-        "input_ids": ids,
-        "labels": [-100] * prefix + rest,
-        "attention_mask": [1] * len(ids),
-        "position_ids": list(range(len(ids))),
-        "idx": 0,
-    }
-
-
-def mixed_batch() -> Batch:
-    """Different latent counts (0..3), question lengths and answer lengths in one batch."""
-    feats = [
-        sample([5, 6, 7], 3, [10, 11, 12, EOS]),
-        sample([5, 6, 7, 8, 9, 13], 1, [14, EOS]),
-        sample([20, 21], 2, [22, 23, 24, 25, 26, EOS]),
-        sample([30, 31, 32, 33], 0, [34, EOS], markers=False),
-    ]
-    return MyCollator(PAD, LATENT)(feats)
-
-
-def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_close_grads(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize(
     "compile_mode,checkpointing",
-    [(None, False), (None, True), ("default", False), ("reduce-overhead", False), ("default", True)],
+    [
+        (None, False),
+        (None, True),
+        pytest.param("default", False, marks=pytest.mark.slow),  # compiling takes seconds
+        pytest.param("reduce-overhead", False, marks=pytest.mark.slow),
+        pytest.param("default", True, marks=pytest.mark.slow),
+    ],
 )
 def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     """Loss, logits and every gradient equal recomputing from scratch, eager or compiled
@@ -194,37 +168,6 @@ def test_global_normalisation_divides_by_given_count():
     mean = coconut(batch)
     scaled = coconut(batch, num_items_in_batch=torch.tensor(100.0))
     torch.testing.assert_close(scaled.loss * 100, mean.loss * mean.num_label_tokens, rtol=1e-5, atol=1e-5)
-
-
-def prompts() -> list[dict]:
-    """Generation prompts: question + latents (+ end marker), with different latent counts."""
-    out = []
-    for q, n in (([5, 6, 7], 3), ([5, 6, 7, 8, 9, 13], 1), ([20, 21], 2), ([30, 31, 32, 33], 0)):
-        latent = [START] + [LATENT] * n + [END] if n else []
-        ids = q + latent
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": 0})
-    return out
-
-
-def strip(tokens: torch.Tensor) -> list[int]:
-    out = []
-    for t in tokens.tolist():
-        if t == PAD:
-            break
-        out.append(t)
-        if t == EOS:
-            break
-    return out
-
-
-def assert_batched_equals_one_by_one(coconut: Coconut, max_new_tokens: int) -> None:
-    """Each prompt's tokens from a left-padded batch equal generating it alone."""
-    collate = MyCollator(PAD, LATENT)
-    feats = prompts()
-    batched = coconut.generate(collate(feats), max_new_tokens=max_new_tokens)
-    for i, f in enumerate(feats):
-        alone = coconut.generate(collate([f]), max_new_tokens=max_new_tokens)
-        assert strip(batched[i]) == strip(alone[0]), i
 
 
 def test_batched_generation_equals_one_by_one():

@@ -14,8 +14,8 @@ from transformers import AutoProcessor
 from dataset import DataError, LatentIds, get_cot_latent_dataset
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, get_mm_dataset
-from tests.run_helpers import mm_config as cfg
-from tests.test_transforms import make_image, ref_pixel_values
+from tests.helpers.images import make_image, ref_pixel_values
+from tests.helpers.runs import mm_config as cfg
 
 
 @pytest.fixture()

@@ -14,8 +14,7 @@ from dataset import Batch, MyCollator
 from decoder_steps import CacheGreedyDecoder, StaticGreedyDecoder, drivable
 from hf_compat import GROUPED_SDPA, KVSplit, grouped_rows_mask
 from latent_checkpoint import enable_latent_checkpointing
-from tests.latent_reference import reference_forward
-from tests.test_coconut_text import (
+from tests.helpers.text_lm import (
     END,
     EOS,
     LATENT,
@@ -27,7 +26,7 @@ from tests.test_coconut_text import (
     sample,
     tiny_lm,
 )
-
+from tests.latent_reference import reference_forward
 
 # Operators that hand a tensor value to the host: on a GPU each one waits for the queue to drain.
 HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select"}
@@ -134,6 +133,7 @@ def test_cuda_graph_decoding_refuses_what_it_cannot_capture():
         coconut.generate(padded_prompts(), max_new_tokens=4, cuda_graph=True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decoding_equals_eager(dtype):

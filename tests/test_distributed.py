@@ -10,19 +10,11 @@ import pytest
 import torch
 
 import run
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, torchrun, weights
 
 # Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
 # receive only rounding noise, which Adam's normalisation turns into full-size random steps.
 ZERO_GRADIENT_SUFFIX = "k_proj.bias"
-
-
-def torchrun(config, nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         str(REPO / "run.py"), str(config)],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
-    )
 
 
 @pytest.mark.slow

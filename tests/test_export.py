@@ -22,8 +22,7 @@ from export import chat_template
 from multimodal.dataset_mm import ImageTokens, tokenize_mm_records
 from multimodal.transforms import ImageTransform
 from saved_run import SAVED_RUN_FILE, read_saved_run
-from tests.run_helpers import REPO, demo_config, subprocess_env
-from tests.test_inference import ensure_saved_run
+from tests.helpers.runs import REPO, demo_config, ensure_saved_run, subprocess_env
 
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 

@@ -11,33 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import run
 from inference import Inference
 from multimodal.collator_mm import MultimodalCollator
-from saved_run import SavedRun, read_saved_run, write_saved_run
+from tests.helpers.runs import REPO, demo_config, ensure_saved_run, torchrun
+from tests.helpers.tiny_vl import prompt
 from tests.latent_reference import reference_embeds
-from tests.run_helpers import REPO, demo_config
-from tests.test_coconut_mm import as_inputs, prompt, setup  # noqa: F401  (setup is a fixture)
-from tests.test_distributed import torchrun
 from utils import load_config
 
 VAL = REPO / "data" / "demo" / "val.json"
 IMAGES = REPO / "data" / "demo" / "images"
-
-
-def ensure_saved_run(checkpoint: Path, config_path: Path) -> None:
-    """Give a checkpoint's model/ its coconut_config.yaml where the trainer did not write one."""
-    model_dir = checkpoint / "model"
-    if read_saved_run(model_dir) is not None:
-        return
-    config = load_config(config_path)
-    epoch = int(checkpoint.name.removeprefix("checkpoint_"))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
-    write_saved_run(model_dir, SavedRun(config, epoch, config.stage(epoch - 1), ids))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +53,7 @@ def assert_same_thoughts(got: list, expected: list) -> None:
             assert abs(x["p"] - y["p"]) <= 1e-5, (x, y)
 
 
+@pytest.mark.slow
 def test_predictions_file_has_one_line_per_val_record(stage2):
     _, _, predictions = stage2
     records = json.loads(VAL.read_text())
@@ -80,6 +65,7 @@ def test_predictions_file_has_one_line_per_val_record(stage2):
         assert all(len(t) == 5 and t[0]["p"] >= t[-1]["p"] for t in p["thoughts"])
 
 
+@pytest.mark.slow
 def test_infer_equals_the_predictions_file_on_every_val_record(stage2, capsys):
     _, checkpoint, predictions = stage2
     for record, expected in zip(json.loads(VAL.read_text()), predictions):
@@ -92,6 +78,7 @@ def test_infer_equals_the_predictions_file_on_every_val_record(stage2, capsys):
         assert_same_thoughts(reply["thoughts"], expected["thoughts"])
 
 
+@pytest.mark.slow
 def test_infer_on_a_data_file_writes_the_same_predictions(stage2, tmp_path, capsys):
     _, checkpoint, predictions = stage2
     out = tmp_path / "val.predictions.jsonl"
@@ -102,6 +89,7 @@ def test_infer_on_a_data_file_writes_the_same_predictions(stage2, tmp_path, caps
     assert read_jsonl(out) == predictions  # the same batches as the evaluation: identical
 
 
+@pytest.mark.slow
 def test_python_api_and_readable_output(stage2, capsys):
     _, checkpoint, predictions = stage2
     record = json.loads(VAL.read_text())[0]
@@ -119,6 +107,7 @@ def test_python_api_and_readable_output(stage2, capsys):
     assert lines[1] == "latents: 2" and lines[2].startswith("thought 1: ")
 
 
+@pytest.mark.slow
 def test_infer_errors_are_one_line(stage2, tmp_path, capsys):
     _, checkpoint, _ = stage2
     assert run.main(["--infer", str(checkpoint), "--image", str(tmp_path / "none.png"), "--question", "q"]) == 2
@@ -162,13 +151,13 @@ def naive_thoughts(model, latent_id: int, feature: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_generate_hands_back_the_thoughts_it_fed_back(setup):  # noqa: F811
+def test_generate_hands_back_the_thoughts_it_fed_back(setup):
     model, coconut, ids, tok, image_tokens = setup
     feats = [prompt(tok, ids, image_tokens, 1, 3, "what shape"),
              prompt(tok, ids, image_tokens, 5, 1, "what colour is the shape in the image"),
              prompt(tok, ids, image_tokens, 0, 2, "no image here"),
              prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False)]
-    batch = as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(feats), model.device)
+    batch = MultimodalCollator(tok.pad_token_id, ids.latent)(feats).to(model.device)
     tokens, thoughts = coconut.generate(batch, max_new_tokens=4, thought_top_k=3)
     assert torch.equal(tokens, coconut.generate(batch, max_new_tokens=4))
     assert thoughts.counts.tolist() == [3, 1, 2, 0]

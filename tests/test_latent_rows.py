@@ -27,7 +27,7 @@ import checkpoint as ckpt
 import run
 from model_setup import add_latent_tokens, latent_rows_trained
 from saved_run import SavedRun
-from tests.run_helpers import demo_config, mm_config
+from tests.helpers.runs import demo_config, mm_config
 
 ROWS = ("start", "latent", "end")
 
@@ -58,6 +58,7 @@ def test_rows_count_as_trained_only_after_a_coconut_or_pause_run(tmp_path, metho
     assert latent_rows_trained(None) is False  # a model this project did not write (a hub model)
 
 
+@pytest.mark.slow
 def test_cot_keeps_the_vocabulary_and_coconut_copies_the_cot_trained_rows(tmp_path, tiny_model_dir):
     """Through the CLI: the CoT run's tokenizer has the three tokens (run.py 106-108) but its model keeps its
     own vocabulary, no extra rows nor logits (run.py 145: no resize for cot); the Coconut run started from that
@@ -87,6 +88,7 @@ def test_cot_keeps_the_vocabulary_and_coconut_copies_the_cot_trained_rows(tmp_pa
             assert torch.equal(matrix[row], trained[name][source]), (name, row)
 
 
+@pytest.mark.slow
 def test_resuming_a_pause_run_keeps_its_trained_rows(tmp_path, tiny_model_dir):
     """A deliberate difference: the original loads a pause run's own checkpoint without the prefix (no Coconut
     wrapper in pause runs, run.py 140-143) and then re-copies `<<` into the rows (145-157), discarding what the

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,10 +39,10 @@ import run
 from preprocessing.blank_images import blank_copy
 from preprocessing.easy_vqa import question_type, text_only_accuracy
 from preprocessing.make_demo import DEMO_DIR
-from tests.run_helpers import demo_config, metrics
-from tests.test_demo import BASELINE, check_infer_example, parse_demo, run_demo
+from tests.helpers.demo import BASELINE, check_infer_example, parse_demo, run_demo
+from tests.helpers.runs import demo_config, metrics
 
-pytestmark = pytest.mark.learning
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 MARGIN_ABOVE = 0.20  # real images: final accuracy at least this far above the text-only bar
 MARGIN_BLANK = 0.10  # blank images: final accuracy at most this far above it

@@ -32,11 +32,10 @@ from lora import apply_lora
 from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
+from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, weights
+from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch, tiny_lm
+from tests.helpers.tiny_vl import mixed
 from tests.latent_reference import reference_forward
-from tests.run_helpers import REPO, demo_config, metrics, mm_config, subprocess_env, weights
-from tests.test_coconut_mm import as_inputs, mixed
-from tests.test_coconut_text import (END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch,
-                                     tiny_lm)
 from utils import ConfigError, config_from_dict
 
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)
@@ -86,7 +85,7 @@ def merged_by_hand(tiny_model_dir, lora: torch.nn.Module, ids) -> torch.nn.Modul
 def batch_of(processor, ids) -> Batch:
     tok = processor.tokenizer
     samples = mixed(tok, ids, ImageTokens.from_processor(processor))
-    return as_inputs(MultimodalCollator(tok.pad_token_id, ids.latent)(samples))
+    return MultimodalCollator(tok.pad_token_id, ids.latent)(samples)
 
 
 def coconut(model, processor, ids) -> Coconut:
@@ -350,6 +349,7 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
     assert metrics(tmp_path / "checkpoints" / "straight")[-1]["stage"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_resumes_its_adapters_only_with_the_same_lora_keys(tmp_path, tiny_model_dir, capsys):
     config = demo_config(tmp_path, tiny_model_dir, name="keys", num_epochs=1, use_llm_lora=4)
     assert run.main([str(config)]) == 0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import io
 import json
 import sys
-import types
 
 from tqdm import tqdm
 
 from metric_logger import WANDB_ID_FILE, ConsoleLogger, JsonlLogger, MultiLogger, WandbLogger, read_jsonl
+from tests.helpers.fake_wandb import FakeWandb
 
 
 def test_jsonl_logger_keeps_its_namespace_and_drops_the_lines_after_the_resumed_step(tmp_path):
@@ -45,35 +45,6 @@ def test_console_shows_training_metrics_on_the_bar_and_prints_the_others(capsys)
                                            {"question": "q3", "gold": "c"}], step=4)
     assert capsys.readouterr().out.splitlines() == [
         "[eval] epoch=1 val_loss=0.5000 correct=3", "  question: 'q1'  gold: 'a'", "  question: 'q2'  gold: 'b'"]
-
-
-class FakeWandb(types.ModuleType):
-    """What WandbLogger uses of wandb, recorded: init's arguments, each log call, finish."""
-
-    def __init__(self) -> None:
-        super().__init__("wandb")
-        self.inits, self.logged, self.finished = [], [], 0
-        wandb = self
-
-        class Table:
-            def __init__(self, columns, data):
-                self.columns, self.data = columns, data
-
-        class Run:
-            step = 0
-
-            def log(self, record, step):
-                wandb.logged.append((step, record))
-                self.step = step
-
-            def finish(self):
-                wandb.finished += 1
-
-        self.Table, self.Run = Table, Run
-
-    def init(self, **kwargs):
-        self.inits.append(kwargs)
-        return self.Run()
 
 
 def test_wandb_runs_in_the_save_directory_and_keeps_its_id_for_the_resumed_run(tmp_path, monkeypatch):

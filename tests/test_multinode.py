@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, torchrun, weights
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, torchrun, weights
 
 KEYS = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=2, batch_size_training=4)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ import torch
 import checkpoint as ckpt
 import run
 import trainer
-from tests.instrumented_run import install_recorder
-from tests.run_helpers import demo_config
+from tests.helpers.recorded_run import assert_same_steps, recorded_run
+from tests.helpers.runs import demo_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,6 +25,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_does(tmp_path, tiny_model_dir,
                                                                                       monkeypatch):
     """The original's rule (facebookresearch/coconut, run.py): inside the epoch loop (L242,
@@ -79,33 +79,6 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
 
 
 # --- gradient accumulation -----------------------------------------------------------------------
-
-ACCUMULATION = dict(num_epochs=1, epochs_per_stage=1, lr=0.0, max_grad_norm=0.5, num_workers=0)  # lr 0: fixed weights
-
-
-def recorded_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch, name: str, **keys) -> dict:
-    """A run in this process with install_recorder's record: per step, gradients and logged loss."""
-    record = {"clipped": [], "unclipped": [], "losses": []}
-    with monkeypatch.context() as patch:
-        for module, attribute in ((torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step"),
-                                  (trainer, "_init_wandb")):
-            patch.setattr(module, attribute, getattr(module, attribute))  # undone on leaving
-        install_recorder(record)
-        config = demo_config(tmp_path, tiny_model_dir, name=name, **{**ACCUMULATION, **keys})
-        assert run.main([str(config)]) == 0
-    return record
-
-
-def assert_same_steps(got: dict, expected: dict, steps: int) -> None:
-    """The first `steps` steps' gradients before and after clipping, and their logged losses, equal
-    to float rounding."""
-    assert min(len(got["unclipped"]), len(expected["unclipped"])) >= steps
-    for kind in ("unclipped", "clipped"):
-        for step, (a, b) in enumerate(zip(got[kind][:steps], expected[kind][:steps], strict=True)):
-            for i, (ga, gb) in enumerate(zip(a, b, strict=True)):
-                torch.testing.assert_close(ga, gb, rtol=2e-4, atol=2e-7, msg=f"{kind} step {step + 1} tensor {i}")
-    assert got["losses"][:steps] == pytest.approx(expected["losses"][:steps], rel=1e-5)
-
 
 def test_accumulation_2_x_batch_4_equals_batch_8_in_gradients_and_logged_loss(tmp_path, tiny_model_dir, monkeypatch):
     """The loss of an optimizer step is the token mean over all its micro-batches: the summed token

@@ -19,8 +19,8 @@ import run
 from coconut import Coconut
 from dataset import Batch
 from saved_run import read_saved_run
-from tests.run_helpers import demo_config, metrics
-from tests.test_coconut_text import END, EOS, LATENT, PAD, START, grads, mixed_batch, tiny_lm
+from tests.helpers.runs import demo_config, metrics
+from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, grads, mixed_batch, tiny_lm
 from utils import config_from_dict
 
 

@@ -31,8 +31,8 @@ import checkpoint as ckpt
 import preemption
 import run
 import trainer
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
-from tests.test_optimisation import assert_same_steps, recorded_run
+from tests.helpers.recorded_run import assert_same_steps, recorded_run
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).
@@ -111,6 +111,7 @@ def rerun(capsys, config: Path) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "step"), [(signal.SIGTERM, 3), (signal.SIGUSR1, 9), (signal.SIGINT, 15)],
                          ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_stop_signal_saves_a_step_checkpoint_and_the_rerun_equals_the_uninterrupted_run(
@@ -183,6 +184,7 @@ def hard_kill_in_evaluation(epoch: int) -> None:
     trainer.Run._generate = generate_then_die
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kill", "resumed_from"), [
     (functools.partial(hard_kill_at_step, 11), "step_10"),  # loses one step (save_every_steps 2)
     (functools.partial(hard_kill_at_step, 13), "checkpoint_2"),  # the first step after an epoch checkpoint
@@ -201,6 +203,7 @@ def test_a_hard_kill_loses_at_most_save_every_steps_and_the_rerun_equals_the_uni
     assert_same_run(save_dir, straight)
 
 
+@pytest.mark.slow
 def test_a_signal_during_evaluation_lets_it_finish_then_stops_with_nothing_new_to_save(
         tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     config = demo_config(tmp_path, tiny_model_dir, name="in_eval", **KEYS)

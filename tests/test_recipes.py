@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.run_helpers import REPO, metrics, torchrun
+from tests.helpers.runs import REPO, metrics, torchrun
 
 RECIPES = sorted((REPO / "args").glob("*.yaml"))
 DEMO = REPO / "data" / "demo"

@@ -34,7 +34,7 @@ import checkpoint as ckpt
 import model_setup
 import run
 import trainer
-from tests.run_helpers import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
 
 DEMO = REPO / "data" / "demo"
 # num_workers 0: one process, so a run is bit-for-bit reproducible (the fault tests compare exactly)
@@ -285,6 +285,7 @@ def _payload_pickle(path: Path, sentinel: Path) -> None:
     torch.save({"model.language_model.embed_tokens.weight": torch.zeros(1), "x": Payload()}, path)
 
 
+@pytest.mark.slow
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, tiny_model_dir, straight, capsys):
     state = AutoModelForImageTextToText.from_pretrained(straight / "checkpoint_1" / "model").state_dict()
     files = {}
@@ -387,6 +388,7 @@ def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_mode
     assert_same_weights(stateless, straight / "checkpoint_3")
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     config = demo_config(tmp_path, tiny_model_dir, name="full", **RUN_KEYS)
     save_dir = tmp_path / "checkpoints" / "full"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForImageTextToText
@@ -11,7 +12,7 @@ import run
 import trainer
 from checkpoint import complete_checkpoints
 from multimodal.collator_mm import MultimodalCollator
-from tests.run_helpers import demo_config, metrics, weights
+from tests.helpers.runs import demo_config, metrics, weights
 
 
 def test_demo_trains_all_stages_resumes_and_eval_only_matches(tmp_path, tiny_model_dir):
@@ -41,6 +42,7 @@ def test_demo_trains_all_stages_resumes_and_eval_only_matches(tmp_path, tiny_mod
     assert abs(only["val_loss"] - history[-1]["val_loss"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir):
     """Stopping after epoch 2 and rerunning gives the same final weights as one run of 3 epochs."""
     keys = dict(num_epochs=3, epochs_per_stage=1, max_latent_stage=2, reset_optimizer=False)
@@ -59,6 +61,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_model_dir):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_cot_checkpoint_initialises_coconut(tmp_path, tiny_model_dir):
     """The paper's recipe: a CoT run's checkpoint starts a Coconut run at a later epoch (resume)."""
     cot = demo_config(tmp_path, tiny_model_dir, name="cot", cot=True, coconut=False, num_epochs=1)
@@ -104,6 +107,7 @@ def test_config_errors_surface_before_model_loading(tmp_path, tiny_model_dir, mo
         assert message in err and str(config) in err, (name, err)
 
 
+@pytest.mark.slow
 def test_latent_column_multiple_pads_the_training_batches_and_keeps_the_results(tmp_path, tiny_model_dir, monkeypatch):
     """latent_column_multiple reaches the collator (columns become multiples of it); the padding is
     masked, so validation loss and accuracy stay those of the unpadded run."""

@@ -20,8 +20,8 @@ from transformers import AutoModelForImageTextToText
 import run
 import trainer
 from metric_logger import read_jsonl
-from tests.run_helpers import demo_config, metrics, torchrun
-from tests.test_metric_logger import FakeWandb
+from tests.helpers.fake_wandb import FakeWandb
+from tests.helpers.runs import demo_config, metrics, torchrun
 
 # the in-repo demo data: 48 train records, 16 val records, batch 4: 12 optimizer steps per epoch
 STEPS_PER_EPOCH = 12

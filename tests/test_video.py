@@ -22,8 +22,8 @@ from dataset import DataError, get_cot_latent_dataset
 from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, frame_indices, get_mm_dataset
-from tests.run_helpers import mm_config as cfg
-from tests.test_transforms import ref_pixel_values
+from tests.helpers.images import ref_pixel_values
+from tests.helpers.runs import mm_config as cfg
 
 N_FRAMES = 20
 COLOUR_TOL = 10.0  # uint8 units; mpeg4 at this size is off by at most ~5

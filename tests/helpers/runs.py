@@ -1,4 +1,4 @@
-"""Helpers for tests that drive the real CLI on the demo data with the tiny model."""
+"""Helpers for tests that drive the real CLI on the demo data with the tiny model, and read what it wrote."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from utils import Config, config_from_dict
+from saved_run import SavedRun, read_saved_run, write_saved_run
+from utils import Config, config_from_dict, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -63,3 +65,16 @@ def metrics(save_dir: Path) -> list[dict]:
 
 def weights(checkpoint: Path) -> dict:
     return load_file(checkpoint / "model" / "model.safetensors")
+
+
+def ensure_saved_run(checkpoint: Path, config_path: Path) -> None:
+    """Give a checkpoint's model/ its coconut_config.yaml where the trainer did not write one."""
+    model_dir = checkpoint / "model"
+    if read_saved_run(model_dir) is not None:
+        return
+    config = load_config(config_path)
+    epoch = int(checkpoint.name.removeprefix("checkpoint_"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+    write_saved_run(model_dir, SavedRun(config, epoch, config.stage(epoch - 1), ids))
