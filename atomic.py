@@ -144,8 +144,11 @@ def remove_leftovers(directory: str | Path, names: Iterable[str] | None = None, 
     if not directory.is_dir():
         return
     wanted = None if names is None else set(names)
-    found = [(path, match) for path in directory.iterdir() if (match := _TEMP.fullmatch(path.name))
-             and (wanted is None or match["name"] in wanted)]
+    found = [
+        (path, match)
+        for path in directory.iterdir()
+        if (match := _TEMP.fullmatch(path.name)) and (wanted is None or match["name"] in wanted)
+    ]
     dead = {pid: everyone or pid == os.getpid() or not _alive(pid) for pid in {int(m["pid"]) for _, m in found}}
     found.sort(key=lambda f: not f[1]["old"])  # asides first: finishing a replacement needs its temp
     for path, match in found:

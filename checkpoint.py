@@ -39,8 +39,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import atomic
-from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
 from distributed import all_reduce_host
+from errors import CheckpointError  # defined there so that run.py refuses bad input before torch loads
 from lora import save_adapter, split_state
 from model_setup import grow_embeddings
 
@@ -135,8 +135,11 @@ def find_checkpoints(save_dir: str | Path) -> list[tuple[Path, TrainState]]:
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
-    found = [(p, read_state(p)) for p in save_dir.iterdir()
-             if _NAME.fullmatch(p.name) and p.is_dir() and (p / STATE_FILE).is_file()]
+    found = [
+        (p, read_state(p))
+        for p in save_dir.iterdir()
+        if _NAME.fullmatch(p.name) and p.is_dir() and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=_progress)
 
 
@@ -166,15 +169,20 @@ def newest_checkpoint(save_dir: str | Path) -> tuple[Path, TrainState] | None:
     missing = missing_parts(path, state)
     if missing:
         fallback = f"resume from {found[-2][0].name}" if len(found) > 1 else "start over"
-        raise CheckpointError(f"{path}: incomplete checkpoint: {', '.join(missing)} missing although {STATE_FILE} "
-                              f"lists it; restore it, or remove {path.name} to {fallback}")
+        raise CheckpointError(
+            f"{path}: incomplete checkpoint: {', '.join(missing)} missing although {STATE_FILE} "
+            f"lists it; restore it, or remove {path.name} to {fallback}"
+        )
     return path, state
 
 
 def complete_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
     """(epoch, path) of every complete epoch checkpoint, oldest first."""
-    return [(state.epoch, path) for path, state in find_checkpoints(save_dir)
-            if not is_step_checkpoint(path) and not missing_parts(path, state)]
+    return [
+        (state.epoch, path)
+        for path, state in find_checkpoints(save_dir)
+        if not is_step_checkpoint(path) and not missing_parts(path, state)
+    ]
 
 
 def rank_file(rank: int) -> str:
@@ -217,7 +225,8 @@ def write_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
             cause = f"{error}" if error is not None else f"{int(failed)} other rank(s) could not write their part"
             raise CheckpointError(
-                f"could not write checkpoint {final}: {cause} (earlier checkpoints are intact)") from error
+                f"could not write checkpoint {final}: {cause} (earlier checkpoints are intact)"
+            ) from error
 
     def start() -> None:
         if rank == 0:
@@ -274,8 +283,11 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG states, in types torch.load(weights_only=True) accepts."""
     version, keys, gauss = random.getstate()
     name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": [version, list(keys), gauss],
-             "numpy": [name, np_keys.tolist(), pos, has_gauss, cached]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(keys), gauss],
+        "numpy": [name, np_keys.tolist(), pos, has_gauss, cached],
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -308,8 +320,17 @@ def read_rank_part(checkpoint: Path, rank: int) -> dict[str, Any]:
 
 
 # torch.load's weights_only refusal wraps its reason in advice, including turning the protection off
-_ADVICE = ("weights_only", "Weights only", "safe_globals", "trust", "documentation", "file an issue",
-           "two options", "recommended steps", "arbitrary code")
+_ADVICE = (
+    "weights_only",
+    "Weights only",
+    "safe_globals",
+    "trust",
+    "documentation",
+    "file an issue",
+    "two options",
+    "recommended steps",
+    "arbitrary code",
+)
 
 
 def _reason(error: Exception) -> str:
@@ -357,7 +378,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or unreadable checkpoint: {_reason(e)}") from None
     except Exception as e:  # weights_only refuses pickled code with UnpicklingError
-        raise CheckpointError(f"{path}: refused or corrupt checkpoint (only tensors are loaded): {_reason(e)}") from None
+        raise CheckpointError(
+            f"{path}: refused or corrupt checkpoint (only tensors are loaded): {_reason(e)}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
     return state

@@ -360,7 +360,9 @@ class Coconut(nn.Module):
             out.append(t if extra <= 0 else F.pad(t, (0, extra), value=pad))
         return out
 
-    def _fit_layout(self, layout: _Layout, input_ids: torch.Tensor, *rest: tuple[torch.Tensor, int]) -> list[torch.Tensor]:
+    def _fit_layout(
+        self, layout: _Layout, input_ids: torch.Tensor, *rest: tuple[torch.Tensor, int]
+    ) -> list[torch.Tensor]:
         """Synced ranks may run more passes than this batch has columns for: pad on the right."""
         needed = layout.column + layout.n_passes if layout.n_passes else 0
         return self._pad_right(needed, (input_ids, self.pad_token_id), *rest)

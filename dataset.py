@@ -226,7 +226,7 @@ def cot_latent_sample(sample: dict[str, Any], stage: int, config: Config, ids: L
     tokens = prefix + steps + sample["answer_tokenized"]
     return {
         "input_ids": tokens,
-        "labels": [IGNORE_INDEX] * len(prefix) + tokens[len(prefix):],
+        "labels": [IGNORE_INDEX] * len(prefix) + tokens[len(prefix) :],
         "attention_mask": [1] * len(tokens),
         "position_ids": list(range(len(tokens))),
         "idx": sample["idx"],
@@ -383,7 +383,7 @@ def check_tokenization(
     got = sample["question_tokenized"] + steps + sample["answer_tokenized"]
     if got != expected:
         at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-        pieces, whole = ([tokenizer.decode([t]) for t in ids[at:at + 3]] for ids in (got, expected))
+        pieces, whole = ([tokenizer.decode([t]) for t in ids[at : at + 3]] for ids in (got, expected))
         raise DataError(
             f"{where}: tokenizing question, steps and answer apart differs from tokenizing the whole text, "
             f"from token {at}: {pieces} apart, {whole} whole. Coconut replaces whole steps, so they must agree "

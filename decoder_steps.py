@@ -54,7 +54,9 @@ def drivable(decoder: nn.Module) -> bool:
     return not getattr(config, "use_sliding_window", False) and set(layer_types) == {"full_attention"}
 
 
-def rope_table(decoder: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def rope_table(
+    decoder: nn.Module, like: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """RoPE cos/sin [B, T, D] for all positions at once, in like's dtype, as the per-call path gives them.
 
     Dynamic RoPE picks its frequencies from the longest position of each call; below the original
@@ -118,8 +120,12 @@ class LatentKV:
             if keys is None or values is None:
                 raise ValueError(f"the prefix pass left no keys for decoder layer {idx}")
             cut = max(keys.shape[2] - self.SEED, 0)
-            self.parts.append((KVSplit(keys[:, :, :cut], keys[:, :, cut:].contiguous()),
-                               KVSplit(values[:, :, :cut], values[:, :, cut:].contiguous())))
+            self.parts.append(
+                (
+                    KVSplit(keys[:, :, :cut], keys[:, :, cut:].contiguous()),
+                    KVSplit(values[:, :, :cut], values[:, :, cut:].contiguous()),
+                )
+            )
         self.seeded = self.parts[0][0].tail.shape[2]
 
     def past(self, layer_idx: int) -> tuple[KVSplit, KVSplit]:
@@ -231,7 +237,9 @@ class StaticKV:
             self.values.append(_extend(past_v, total_len))
         self.column = column
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[layer_idx].index_copy_(2, self.column, keys)
         self.values[layer_idx].index_copy_(2, self.column, values)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -248,7 +256,9 @@ class LanguageModel(Protocol):
 
     decoder: nn.Module
 
-    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor: ...
+    def decode(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor: ...
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -263,7 +273,9 @@ class GreedyDecoder(abc.ABC):
     emitted eos. No step reads anything back to the host.
     """
 
-    def __init__(self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(
+        self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    ) -> None:
         batch, device = prompt.logits.shape[0], prompt.logits.device
         self.lm, self.prompt = lm, prompt
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
@@ -285,7 +297,9 @@ class GreedyDecoder(abc.ABC):
 class CacheGreedyDecoder(GreedyDecoder):
     """Any decoder through its own forward and the prompt's growing DynamicCache (the general path)."""
 
-    def __init__(self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int) -> None:
+    def __init__(
+        self, lm: LanguageModel, prompt: PromptState, max_new_tokens: int, eos_token_id: int, pad_token_id: int
+    ) -> None:
         super().__init__(lm, prompt, max_new_tokens, eos_token_id, pad_token_id)
         self.attention_mask = prompt.attention_mask
         self.t = 0
@@ -294,7 +308,9 @@ class CacheGreedyDecoder(GreedyDecoder):
         t, mask = self.t, self.attention_mask
         self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         positions = self.prompt.next_pos[:, None] + t
-        hidden = self.lm.decode(self.lm.embed_tokens(self.tokens[:, t : t + 1]), self.attention_mask, positions, self.prompt.cache)
+        hidden = self.lm.decode(
+            self.lm.embed_tokens(self.tokens[:, t : t + 1]), self.attention_mask, positions, self.prompt.cache
+        )
         self._emit(self.lm.head(hidden[:, -1]), torch.full((1,), t + 1, device=self.tokens.device))
         self.t += 1
 
@@ -321,7 +337,9 @@ class StaticGreedyDecoder(GreedyDecoder):
         self.cache_kw = cache_keyword(type(self.decoder.layers[0]).forward)
         self.column = torch.full((1,), prompt_len, dtype=torch.long, device=device)
         self.cache = StaticKV(prompt.cache, len(self.decoder.layers), total, self.column)
-        self.valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1)
+        self.valid = torch.cat(
+            [attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1
+        )
         self.cols = torch.arange(total, device=device)
         self.cos, self.sin = rope  # [B, max_new_tokens, D]: new token t sits at position next_pos + t
 

@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {save_dir} holds no metrics; nothing to compare or ask")
         return 0
     last = history[-1]
-    print(f"demo: val accuracy {last['accuracy']:.3f} after epoch {last['epoch']} (stage {last['stage']}); "
-          f"text-only baseline {baseline:.3f}")
+    print(
+        f"demo: val accuracy {last['accuracy']:.3f} after epoch {last['epoch']} (stage {last['stage']}); "
+        f"text-only baseline {baseline:.3f}"
+    )
     checkpoint = save_dir / f"checkpoint_{last['epoch']}"  # the model that scored it
     if not checkpoint.is_dir():  # overrides such as save_only_improve may not keep it
         print(f"demo: no {checkpoint} to ask")

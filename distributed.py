@@ -97,7 +97,9 @@ def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
 
 
-def shard(wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, dtype: torch.dtype | None) -> None:
+def shard(
+    wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, dtype: torch.dtype | None
+) -> None:
     """fully_shard each decoder layer and vision layer, then the Coconut wrapper as the root.
 
     A step runs every decoder layer n+1 times (the latent passes), forward and backward. Decoder
@@ -142,5 +144,7 @@ def check_optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -
     own = {id(p) for p in model.parameters()}
     foreign = sum(id(p) not in own for group in optimizer.param_groups for p in group["params"])
     if foreign:
-        raise RuntimeError(f"the optimizer holds {foreign} tensors that are not parameters of the model "
-                           "(built while FSDP had them gathered?)")
+        raise RuntimeError(
+            f"the optimizer holds {foreign} tensors that are not parameters of the model "
+            "(built while FSDP had them gathered?)"
+        )

@@ -34,7 +34,9 @@ THOUGHT_TOP_K = 5  # tokens kept per continuous thought in a predictions file
 PREDICTIONS_DIR = "predictions"  # save_path/name/predictions/epoch_N.jsonl
 
 
-def sharded_loader(dataset: Dataset, batch_size: int, collate: Callable, info: DistInfo, num_workers: int) -> tuple[DataLoader, list[bool]]:
+def sharded_loader(
+    dataset: Dataset, batch_size: int, collate: Callable, info: DistInfo, num_workers: int
+) -> tuple[DataLoader, list[bool]]:
     """This rank's share (every world_size-th item, no duplicates) in batches.
 
     Every rank gets the same number of batches, because each generate/forward under FSDP is a
@@ -52,7 +54,13 @@ def sharded_loader(dataset: Dataset, batch_size: int, collate: Callable, info: D
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, dataset: Dataset, collate: Callable, info: DistInfo, batch_size: int, num_workers: int, autocast: Callable
+    model: nn.Module,
+    dataset: Dataset,
+    collate: Callable,
+    info: DistInfo,
+    batch_size: int,
+    num_workers: int,
+    autocast: Callable,
 ) -> float:
     """Token-weighted mean cross-entropy over the whole validation set (all ranks)."""
     model.eval()
@@ -65,8 +73,6 @@ def validation_loss(
             totals += torch.stack([out.loss.detach().double(), out.num_label_tokens.double()])
     all_reduce_sum(totals)
     return float(totals[0] / totals[1].clamp(min=1))
-
-
 
 
 @dataclasses.dataclass
@@ -109,8 +115,9 @@ def generation_accuracy(
     with tqdm(total=len(counted), desc="generate", disable=not info.is_main, dynamic_ncols=True, leave=False) as bar:
         for batch, count in zip(loader, counted):
             with autocast():
-                tokens, thoughts = model.generate(batch.to(info.device), max_new_tokens=config.max_new_tokens,
-                                                  thought_top_k=top_k)
+                tokens, thoughts = model.generate(
+                    batch.to(info.device), max_new_tokens=config.max_new_tokens, thought_top_k=top_k
+                )
             bar.update(1)
             if count:
                 mine += batch_predictions(model, batch, tokens, thoughts, records, tokenizer, config, stage)
@@ -143,21 +150,26 @@ def batch_predictions(
         output = decode_generation(tokenizer, tokens[row], eos)
         answer, gold = extract_answer(text), gold_answer(record)
         n_thoughts = int(thoughts.counts[row])
-        out.append({
-            "idx": idx,
-            "question": record["question"],
-            "gold": gold,
-            "output": output,
-            "answer": answer,
-            "correct": answer == gold,
-            "cot_match": original_cot(text) == gold_cot(record),
-            "written_cot_match": written_cot(output) == written_cot_gold(record, stage, config),
-            "latents": prompt.count(model.latent_token_id),  # pause as thought: latents, but no thoughts
-            "thoughts": [
-                [{"token": tokenizer.decode([i]), "id": i, "p": p} for i, p in zip(top_ids[row][t], top_probs[row][t])]
-                for t in range(n_thoughts)
-            ],
-        })
+        out.append(
+            {
+                "idx": idx,
+                "question": record["question"],
+                "gold": gold,
+                "output": output,
+                "answer": answer,
+                "correct": answer == gold,
+                "cot_match": original_cot(text) == gold_cot(record),
+                "written_cot_match": written_cot(output) == written_cot_gold(record, stage, config),
+                "latents": prompt.count(model.latent_token_id),  # pause as thought: latents, but no thoughts
+                "thoughts": [
+                    [
+                        {"token": tokenizer.decode([i]), "id": i, "p": p}
+                        for i, p in zip(top_ids[row][t], top_probs[row][t])
+                    ]
+                    for t in range(n_thoughts)
+                ],
+            }
+        )
     return out
 
 

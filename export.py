@@ -26,8 +26,8 @@ import atomic
 from checkpoint import CheckpointError, model_dir_of
 from dataset import prompt_latents
 from lora import has_adapter, merge_adapter
-from model_setup import load_base_model, load_processor, tokenizer_of
-from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
+from model_setup import load_base_model, load_processor
+from multimodal.prompts import PROMPT_TEMPLATES
 from saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run, write_saved_run
 from utils import ConfigError
 
@@ -72,12 +72,17 @@ def chat_template(prompt_format: str, multimodal: bool, image_token: str = "", v
     # Text-only runs tokenize `question + "\n"` (dataset.tokenize_sample): the plain format without media.
     prompt = PROMPT_TEMPLATES[prompt_format if multimodal else "plain"]
     body = prompt.format(media="{{ ns.media }}", question="{{ ns.question }}")
-    return (_CHAT_TEMPLATE.replace("MULTIMODAL", str(int(multimodal))).replace("IMAGE_TOKEN", image_token)
-            .replace("VIDEO_TOKEN", video_token).replace("PROMPT", body))
+    return (
+        _CHAT_TEMPLATE.replace("MULTIMODAL", str(int(multimodal)))
+        .replace("IMAGE_TOKEN", image_token)
+        .replace("VIDEO_TOKEN", video_token)
+        .replace("PROMPT", body)
+    )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
-                      dtype: Literal["bf16", "fp16", "fp32"] | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, out_dir: str | Path, dtype: Literal["bf16", "fp16", "fp32"] | None = None
+) -> Path:
     """Write checkpoint's model and processor to out_dir, atomically; dtype defaults to the training precision."""
     source = model_dir_of(checkpoint)
     if source is None:
@@ -127,8 +132,11 @@ def export_readme(run: SavedRun, dtype: str) -> str:
     config = run.config
     # a question of unknown steps gets the stage's full count (inference.Inference.ask does the same)
     stage_latents = prompt_latents(config.max_latent_stage, run.stage, config)
-    tiling = (f"images tiled to at most {config.max_tiles} tiles of {config.image_size} px (plus a thumbnail)"
-              if config.multimodal else "text only")
+    tiling = (
+        f"images tiled to at most {config.max_tiles} tiles of {config.image_size} px (plus a thumbnail)"
+        if config.multimodal
+        else "text only"
+    )
     return f"""# COCONUT-VL export
 
 Trained with method `{config.method}` to epoch {run.epoch} (curriculum stage {run.stage}); prompt

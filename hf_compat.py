@@ -79,7 +79,9 @@ def _grouped_sdpa(
         return split_attention(query, key, value, attention_mask, groups, dropout, scaling), None
     batch, heads, length, dim = query.shape
     if groups == 1 or not _mask_fits_rows(attention_mask, groups, length):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rows = query.reshape(batch, heads // groups, groups * length, dim)  # row g·T + t: head (group, g), token t
     out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(batch, heads, length, dim).transpose(1, 2), None
@@ -107,7 +109,12 @@ def grouped_rows_mask(allowed: torch.Tensor, groups: int, dtype: torch.dtype) ->
 
 
 def split_attention(
-    query: torch.Tensor, key: KVSplit, value: KVSplit, mask: torch.Tensor | None, groups: int, dropout: float,
+    query: torch.Tensor,
+    key: KVSplit,
+    value: KVSplit,
+    mask: torch.Tensor | None,
+    groups: int,
+    dropout: float,
     scaling: float | None,
 ) -> torch.Tensor:
     """One query token against K/V held as prefix + tail: one softmax over both parts' scores.

@@ -54,7 +54,8 @@ class Inference:
         self.info = DistInfo(0, 1, 0, device)  # one process
         dtype = mixed_precision_dtype(self.config.bf16, self.config.fp16)  # the training's compute precision
         self.autocast: Callable = (
-            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext)
+            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        )
         collator = MultimodalCollator if self.config.multimodal else MyCollator
         self.collate = collator(self.tokenizer.pad_token_id, self.ids.latent)
 
@@ -66,8 +67,10 @@ class Inference:
             raise CheckpointError(f"{path}: not a checkpoint, model or export directory (no config.json)")
         run = read_saved_run(model_dir)
         if run is None:
-            raise CheckpointError(f"{model_dir}: no {SAVED_RUN_FILE}: not a model directory this project wrote "
-                                  "(inference needs the run's prompt format, stage and latent tokens)")
+            raise CheckpointError(
+                f"{model_dir}: no {SAVED_RUN_FILE}: not a model directory this project wrote "
+                "(inference needs the run's prompt format, stage and latent tokens)"
+            )
         config = run.config
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         processor = load_processor(model_dir, config.multimodal)
@@ -83,12 +86,24 @@ class Inference:
             apply_lora(base, config, LatentIds(**run.latent_token_ids) if config.uses_markers else None)
             load_adapter(base, model_dir)
         ids = run.latent_token_ids
-        model = Coconut(base, ids["latent"], ids["start"], ids["end"], tokenizer.eos_token_id, tokenizer.pad_token_id,
-                        feed_thoughts=run.config.feeds_thoughts)
+        model = Coconut(
+            base,
+            ids["latent"],
+            ids["start"],
+            ids["end"],
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            feed_thoughts=run.config.feeds_thoughts,
+        )
         return cls(model.to(device).eval(), processor, run, run.stage if stage is None else stage, device)
 
-    def ask(self, question: str, images: Sequence[str | Path] = (), video: str | Path | None = None,
-            top_k: int = THOUGHT_TOP_K) -> dict[str, Any]:
+    def ask(
+        self,
+        question: str,
+        images: Sequence[str | Path] = (),
+        video: str | Path | None = None,
+        top_k: int = THOUGHT_TOP_K,
+    ) -> dict[str, Any]:
         """Answer one question about images (paths) or a video: answer, output, latents, thoughts."""
         record: dict[str, Any] = {"question": question, "steps": [], "answer": ""}
         if images:
@@ -103,8 +118,9 @@ class Inference:
         (reply,) = self._generate(records, base, media, config, top_k, "<question>").predictions
         return {k: reply[k] for k in REPLY_KEYS}
 
-    def answer_file(self, path: str | Path, image_dir: str | Path | None = None,
-                    top_k: int = THOUGHT_TOP_K) -> GenerationResult:
+    def answer_file(
+        self, path: str | Path, image_dir: str | Path | None = None, top_k: int = THOUGHT_TOP_K
+    ) -> GenerationResult:
         """Answer every record of a data file (as training data: question, steps, answer, media) in batches."""
         config = self.config if image_dir is None else dataclasses.replace(self.config, image_dir=str(image_dir))
         records, base, media = self._tokenized(load_records(path), config, str(path))
@@ -118,12 +134,29 @@ class Inference:
             raise DataError(f"{source}: this model is text-only (multimodal: false): it takes no images or video")
         return records, tokenize_records(records, self.tokenizer), {}
 
-    def _generate(self, records: list[dict[str, Any]], base: list[dict[str, Any]], media: dict, config: Config,
-                  top_k: int, source: str) -> GenerationResult:
+    def _generate(
+        self,
+        records: list[dict[str, Any]],
+        base: list[dict[str, Any]],
+        media: dict,
+        config: Config,
+        top_k: int,
+        source: str,
+    ) -> GenerationResult:
         questions = get_question_latent_dataset(self.stage, base, config, self.ids)
         dataset = MultimodalDataset(questions, media, config, source) if config.multimodal else questions
-        return generation_accuracy(self.model, dataset, self.collate, records, self.tokenizer, self.info, config,
-                                   self.stage, self.autocast, top_k)
+        return generation_accuracy(
+            self.model,
+            dataset,
+            self.collate,
+            records,
+            self.tokenizer,
+            self.info,
+            config,
+            self.stage,
+            self.autocast,
+            top_k,
+        )
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -137,8 +170,9 @@ def cli(argv: Sequence[str]) -> int:
     parser.add_argument("--video", metavar="PATH", help="a video (instead of images)")
     parser.add_argument("--data", metavar="FILE.json", help="answer every record of a data file, in batches")
     parser.add_argument("--image-dir", metavar="DIR", help="with --data: root of its image paths (default: the run's)")
-    parser.add_argument("--output", metavar="FILE.jsonl",
-                        help="with --data: predictions file (default: FILE.predictions.jsonl here)")
+    parser.add_argument(
+        "--output", metavar="FILE.jsonl", help="with --data: predictions file (default: FILE.predictions.jsonl here)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--top-k", type=int, default=THOUGHT_TOP_K, metavar="K", help="tokens shown per thought")
     parser.add_argument("--stage", type=int, metavar="N", help="curriculum stage (default: the checkpoint's)")
@@ -158,8 +192,13 @@ def cli(argv: Sequence[str]) -> int:
         if args.data:
             result = model.answer_file(args.data, args.image_dir, args.top_k)
             out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
-            summary = {"predictions": str(out), "accuracy": result.accuracy, "correct": result.correct,
-                       "total": result.total, "stage": model.stage}
+            summary = {
+                "predictions": str(out),
+                "accuracy": result.accuracy,
+                "correct": result.correct,
+                "total": result.total,
+                "stage": model.stage,
+            }
             print(json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items()))
             return 0
         reply = model.ask(args.question, args.image, args.video, args.top_k)

@@ -42,8 +42,9 @@ def _peft() -> ModuleType:
     try:
         import peft
     except ImportError:
-        raise ModelSetupError("LoRA (use_llm_lora / use_backbone_lora) needs peft, which is not installed: "
-                              "pip install peft") from None
+        raise ModelSetupError(
+            "LoRA (use_llm_lora / use_backbone_lora) needs peft, which is not installed: pip install peft"
+        ) from None
     return peft
 
 
@@ -60,8 +61,9 @@ class TrainableRows(nn.Module):
     def __init__(self, layer: nn.Module, ids: list[int], rows: nn.Parameter | None = None) -> None:
         super().__init__()
         if type(layer) not in (nn.Embedding, nn.Linear):
-            raise ModelSetupError(f"trainable latent rows: expected nn.Embedding or nn.Linear, "
-                                  f"got {type(layer).__name__}")
+            raise ModelSetupError(
+                f"trainable latent rows: expected nn.Embedding or nn.Linear, got {type(layer).__name__}"
+            )
         self.is_embedding = isinstance(layer, nn.Embedding)
         self.padding_idx = layer.padding_idx if self.is_embedding else None
         self.weight = layer.weight  # frozen
@@ -95,8 +97,9 @@ def _targets(model: nn.Module, prefix: str, suffixes: list[str], key: str, part:
         hits = [name for name in linear if name.endswith("." + suffix)]
         if not hits:
             examples = sorted({".".join(name.split(".")[-2:]) for name in linear})[:8]
-            raise ModelSetupError(f"key '{key}': '{suffix}' names no linear layer of the {part} "
-                                  f"(its layers end in e.g. {examples})")
+            raise ModelSetupError(
+                f"key '{key}': '{suffix}' names no linear layer of the {part} (its layers end in e.g. {examples})"
+            )
         found += hits
     return sorted(set(found))
 
@@ -120,20 +123,31 @@ def apply_lora(model: nn.Module, config: Config, rows: LatentIds | None) -> None
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         prefix = _module_name(model, decoder)
         names = _targets(model, prefix, config.llm_lora_target_modules, "llm_lora_target_modules", "language model")
-        parts.append(_Part(prefix, config.use_llm_lora, config.llm_lora_alpha or 2 * config.use_llm_lora, names,
-                           [decoder, head]))
+        parts.append(
+            _Part(prefix, config.use_llm_lora, config.llm_lora_alpha or 2 * config.use_llm_lora, names, [decoder, head])
+        )
     if config.use_backbone_lora:
         vision = getattr(getattr(model, "model", None), "vision_tower", None)
         if vision is None:
             raise ModelSetupError("key 'use_backbone_lora': only multimodal (InternVL) models have a vision backbone")
         prefix = _module_name(model, vision)
-        names = _targets(model, prefix, config.backbone_lora_target_modules, "backbone_lora_target_modules",
-                         "vision backbone")
-        parts.append(_Part(prefix, config.use_backbone_lora,
-                           config.backbone_lora_alpha or 2 * config.use_backbone_lora, names, [vision]))
+        names = _targets(
+            model, prefix, config.backbone_lora_target_modules, "backbone_lora_target_modules", "vision backbone"
+        )
+        parts.append(
+            _Part(
+                prefix,
+                config.use_backbone_lora,
+                config.backbone_lora_alpha or 2 * config.use_backbone_lora,
+                names,
+                [vision],
+            )
+        )
     # One adapter over both parts, each with its own rank and alpha (peft matches these patterns to module names)
     lora_config = peft.LoraConfig(
-        r=parts[0].rank, lora_alpha=parts[0].alpha, lora_dropout=config.lora_dropout,
+        r=parts[0].rank,
+        lora_alpha=parts[0].alpha,
+        lora_dropout=config.lora_dropout,
         target_modules=[name for part in parts for name in part.targets],
         rank_pattern={rf"{re.escape(part.prefix)}\..*": part.rank for part in parts},
         alpha_pattern={rf"{re.escape(part.prefix)}\..*": part.alpha for part in parts},
@@ -161,8 +175,9 @@ def has_adapter(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
-def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                                          dict[str, torch.Tensor]]:
+def split_state(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A full state dict of `model` (names as in model.state_dict()) as (the plain model's weights, in
     from_pretrained's layout with trained rows written in; the adapters, in peft's file layout).
 
@@ -193,8 +208,9 @@ def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[
         # else: lora_A, lora_B, the adapter's
     if not lora:
         return plain, {}
-    adapter = _peft().get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER_NAME,
-                                                save_embedding_layers=False)
+    adapter = _peft().get_peft_model_state_dict(
+        model, state_dict=state, adapter_name=ADAPTER_NAME, save_embedding_layers=False
+    )
     return plain, {PEFT_PREFIX + k: v.contiguous() for k, v in adapter.items()}
 
 
@@ -222,8 +238,9 @@ def load_adapter(model: nn.Module, model_dir: str | Path) -> None:
     own = {k for k in _peft().get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)}
     if set(state) != own:
         odd = sorted(set(state) ^ own)
-        raise CheckpointError(f"{path}: the adapters do not fit this run's LoRA keys ({len(odd)} tensors differ, "
-                              f"first '{odd[0]}')")
+        raise CheckpointError(
+            f"{path}: the adapters do not fit this run's LoRA keys ({len(odd)} tensors differ, first '{odd[0]}')"
+        )
     try:
         _peft().set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
     except RuntimeError as e:  # load_state_dict's shape mismatch: adapters of another rank

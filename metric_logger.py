@@ -80,8 +80,12 @@ class JsonlLogger:
 
 
 # progress-bar postfix: metric -> (label, format)
-POSTFIX = {"train/loss": ("loss", ".4f"), "train/lr": ("lr", ".2e"), "train/grad_norm": ("grad_norm", ".3g"),
-           "train/tokens_per_s": ("tok/s", ".0f")}
+POSTFIX = {
+    "train/loss": ("loss", ".4f"),
+    "train/lr": ("lr", ".2e"),
+    "train/grad_norm": ("grad_norm", ".3g"),
+    "train/tokens_per_s": ("tok/s", ".0f"),
+}
 
 
 class ConsoleLogger:
@@ -100,8 +104,9 @@ class ConsoleLogger:
         for key, value in metrics.items():
             namespace, _, name = key.rpartition("/")
             if namespace != "train":
-                lines.setdefault(namespace, []).append(f"{name}={value:.4f}" if isinstance(value, float) else
-                                                       f"{name}={value}")
+                lines.setdefault(namespace, []).append(
+                    f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+                )
         for namespace, parts in lines.items():
             tqdm.write(f"[{namespace}] " + " ".join(parts))
 
@@ -129,8 +134,9 @@ class WandbLogger:
         if not run_id:
             run_id = secrets.token_hex(8)  # wandb's own id helper moved between its versions
             ckpt.write_atomic(id_file, run_id + "\n")
-        self.run = wandb.init(project=project, name=name, config=dict(config), mode=mode, dir=str(save_dir),
-                              id=run_id, resume="allow")
+        self.run = wandb.init(
+            project=project, name=name, config=dict(config), mode=mode, dir=str(save_dir), id=run_id, resume="allow"
+        )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         # A resumed run re-runs the steps after its checkpoint; wandb already holds them (same values

@@ -101,11 +101,14 @@ def check_image_size(model_dir: str | Path, image_size: int) -> None:
         vision = json.loads(path.read_text()).get("vision_config") or {}
     except (OSError, ValueError, AttributeError):
         return  # not an InternVL config: loading the model reports it
-    native, patch = (v[0] if isinstance(v, (list, tuple)) else v
-                     for v in (vision.get("image_size"), vision.get("patch_size")))
+    native, patch = (
+        v[0] if isinstance(v, (list, tuple)) else v for v in (vision.get("image_size"), vision.get("patch_size"))
+    )
     if native is not None and image_size != native:
-        raise ConfigError(f"key 'image_size': {image_size} does not fit the model's vision tower "
-                          f"(image_size {native}, patch size {patch} in {path}); set image_size: {native}")
+        raise ConfigError(
+            f"key 'image_size': {image_size} does not fit the model's vision tower "
+            f"(image_size {native}, patch size {patch} in {path}); set image_size: {native}"
+        )
 
 
 def load_processor(model_dir: str | Path, multimodal: bool, trust_remote_code: bool = False) -> Any:
@@ -134,8 +137,12 @@ def load_base_model(model_dir: str | Path, multimodal: bool, trust_remote_code: 
     """
     cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
-        return cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
-                                   trust_remote_code=trust_remote_code and not multimodal)
+        return cls.from_pretrained(
+            model_dir,
+            dtype=torch.float32,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code and not multimodal,
+        )
     except _LOAD_ERRORS as e:
         raise _cannot_load("model", model_dir, e) from None
 
@@ -152,7 +159,8 @@ def _cannot_load(what: str, model_dir: str | Path, error: Exception) -> ModelSet
     if maps and "trust_remote_code" in str(error):
         return ModelSetupError(
             f"{model_dir}: cannot load the {what} without running the directory's own code (auto_map in "
-            f"{', '.join(maps)}); it runs only with trust_remote_code: true, for text-only models")
+            f"{', '.join(maps)}); it runs only with trust_remote_code: true, for text-only models"
+        )
     return ModelSetupError(f"{model_dir}: cannot load the {what}: {' '.join(str(error).split())}")
 
 

@@ -39,18 +39,32 @@ def draw(figure: Any, metrics: Sequence[dict[str, Any]], steps: Sequence[dict[st
     epoch; thought and token-embedding norms per step. Stage starts are dotted lines on each."""
     loss, accuracy, norms = figure.subplots(1, 3)
     if steps:
-        loss.plot([s["epoch"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.5, color="tab:blue",
-                  label="train (step)")
+        loss.plot(
+            [s["epoch"] for s in steps],
+            [s["loss"] for s in steps],
+            lw=0.8,
+            alpha=0.5,
+            color="tab:blue",
+            label="train (step)",
+        )
     # an epoch's train loss is its mean: drawn mid-epoch; validation runs at the epoch's end
-    for key, shift, color, label in (("train_loss", 0.5, "tab:blue", "train (epoch mean)"),
-                                     ("val_loss", 0.0, "tab:orange", "validation")):
+    for key, shift, color, label in (
+        ("train_loss", 0.5, "tab:blue", "train (epoch mean)"),
+        ("val_loss", 0.0, "tab:orange", "validation"),
+    ):
         points = [(m["epoch"] - shift, m[key]) for m in metrics if m.get(key) is not None]
         if points:
             loss.plot(*zip(*points), "o-", color=color, ms=4, label=label)
     loss.set(title="loss", xlabel="epoch")
     if metrics:
-        accuracy.plot([m["epoch"] for m in metrics], [m["accuracy"] for m in metrics], "o-", color="tab:green", ms=4,
-                      label="accuracy")
+        accuracy.plot(
+            [m["epoch"] for m in metrics],
+            [m["accuracy"] for m in metrics],
+            "o-",
+            color="tab:green",
+            ms=4,
+            label="accuracy",
+        )
     accuracy.set(title="validation accuracy", xlabel="epoch", ylim=(-0.02, 1.02))
     for key, color in (("token_embedding_norm", "tab:gray"), ("thought_norm", "tab:red")):
         points = [(s["epoch"], s[key]) for s in steps if s.get(key) is not None]
@@ -62,8 +76,14 @@ def draw(figure: Any, metrics: Sequence[dict[str, Any]], steps: Sequence[dict[st
         for i, (at, stage) in enumerate(boundaries):
             if i:  # the first stage starts where the curves do
                 axes.axvline(at, color="black", ls=":", lw=0.8)
-            axes.annotate(f"stage {stage}", (at, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
-                          textcoords="offset points", fontsize=7)
+            axes.annotate(
+                f"stage {stage}",
+                (at, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -10),
+                textcoords="offset points",
+                fontsize=7,
+            )
         if axes.get_legend_handles_labels()[0]:  # some curve drawn (a stage line has no label)
             axes.legend(fontsize=7)
         if boundaries:  # every panel from the first epoch's start, where the first stage's label sits

@@ -73,8 +73,12 @@ class StopRequests:
         now = self._clock()
         if signum == signal.SIGINT:
             if self._first_sigint is not None and now - self._first_sigint > DUPLICATE_S:
-                print("interrupted again: aborted without saving; re-running the same command "
-                      "resumes from the newest checkpoint", file=sys.stderr, flush=True)
+                print(
+                    "interrupted again: aborted without saving; re-running the same command "
+                    "resumes from the newest checkpoint",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(128 + signal.SIGINT)
             self._first_sigint = self._first_sigint if self._first_sigint is not None else now
         if self.signal_name is None:

@@ -25,11 +25,21 @@ __all__ = ["USER_ERRORS", "load_config", "main", "one_line"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="COCONUT continuous-thought training for InternVL3 and causal LMs")
     parser.add_argument("config_file", nargs="?", help="YAML run configuration")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config keys set on top of the file, values read as YAML (e.g. lr=1e-4 name=try2)")
-    parser.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
-                        help="write a checkpoint's model + processor as a plain HF directory and exit")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="with --export: weights (default: training's)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config keys set on top of the file, values read as YAML (e.g. lr=1e-4 name=try2)",
+    )
+    parser.add_argument(
+        "--export",
+        nargs=2,
+        metavar=("CHECKPOINT", "OUT_DIR"),
+        help="write a checkpoint's model + processor as a plain HF directory and exit",
+    )
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="with --export: weights (default: training's)"
+    )
     return parser
 
 

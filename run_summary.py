@@ -67,35 +67,56 @@ def precision(config: Config) -> str:
     return "fp32"
 
 
-def start_lines(config: Config, *, world_size: int, device: str, weights_dtype: str, parameters: tuple[int, int],
-                records: dict[str, tuple[int, int]], steps_per_epoch: int, first_epoch: int, steps_done: int,
-                save_dir: Path, writes: bool) -> list[str]:
+def start_lines(
+    config: Config,
+    *,
+    world_size: int,
+    device: str,
+    weights_dtype: str,
+    parameters: tuple[int, int],
+    records: dict[str, tuple[int, int]],
+    steps_per_epoch: int,
+    first_epoch: int,
+    steps_done: int,
+    save_dir: Path,
+    writes: bool,
+) -> list[str]:
     """The start-up summary. records: split -> (records in the file, kept after dropping overlong ones)."""
     total, trainable = parameters
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
-    lines = [f"{config.name}: {config.method}{' (eval only)' if config.only_eval else ''}, {processes} on {device}, "
-             f"{precision(config)} (weights {weights_dtype})",
-             f"  parameters  {human(total)}, {human(trainable)} trainable ({100 * trainable / max(total, 1):.2f}%)"]
-    kept = [f"{split} {n}" + (f" ({read - n} dropped as overlong)" if read > n else "")
-            for split, (read, n) in records.items()]
+    lines = [
+        f"{config.name}: {config.method}{' (eval only)' if config.only_eval else ''}, {processes} on {device}, "
+        f"{precision(config)} (weights {weights_dtype})",
+        f"  parameters  {human(total)}, {human(trainable)} trainable ({100 * trainable / max(total, 1):.2f}%)",
+    ]
+    kept = [
+        f"{split} {n}" + (f" ({read - n} dropped as overlong)" if read > n else "")
+        for split, (read, n) in records.items()
+    ]
     lines.append("  records     " + ", ".join(kept))
     if config.only_eval:
         lines.append(f"  stage       {config.stage(config.resume)} (epoch {config.resume + 1})")
     else:
         batch, accum = config.batch_size_training, config.gradient_accumulation_steps
-        lines.append(f"  batch       {batch} per rank x {world_size} rank{'s' if world_size > 1 else ''} x "
-                     f"{accum} accumulation = {batch * world_size * accum} samples per optimizer step")
+        lines.append(
+            f"  batch       {batch} per rank x {world_size} rank{'s' if world_size > 1 else ''} x "
+            f"{accum} accumulation = {batch * world_size * accum} samples per optimizer step"
+        )
         total_steps = steps_per_epoch * (config.num_epochs - first_epoch)
         left = f", {total_steps - steps_done} to go" if steps_done else ""
         lines.append(f"  steps       {steps_per_epoch} per epoch, {total_steps} in all{left}")
         lines.append(f"  epochs      {stage_plan(config, first_epoch)}")
-    lines.append(f"  save dir    {save_dir}" if writes else
-                 f"  save dir    none ({'debug' if config.debug else 'eval-only'} run); predictions in {save_dir}")
+    lines.append(
+        f"  save dir    {save_dir}"
+        if writes
+        else f"  save dir    none ({'debug' if config.debug else 'eval-only'} run); predictions in {save_dir}"
+    )
     return lines
 
 
-def end_lines(metrics: Sequence[dict[str, Any]], wall_s: float, save_dir: Path, checkpoints: Sequence[str],
-              files: Sequence[str]) -> list[str]:
+def end_lines(
+    metrics: Sequence[dict[str, Any]], wall_s: float, save_dir: Path, checkpoints: Sequence[str], files: Sequence[str]
+) -> list[str]:
     """The end-of-run summary: best epoch and its accuracy, this launch's wall time, where the results are.
     checkpoints: names of the checkpoints kept, oldest first; files: result files in save_dir."""
     head = f"done in {duration(wall_s)}"

@@ -34,8 +34,13 @@ class SavedRun:
         return self.config.method
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "epoch": self.epoch, "stage": self.stage,
-                "method": self.method, "latent_token_ids": dict(self.latent_token_ids)}
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "stage": self.stage,
+            "method": self.method,
+            "latent_token_ids": dict(self.latent_token_ids),
+        }
 
 
 def write_saved_run(model_dir: str | Path, run: SavedRun) -> Path:

@@ -24,8 +24,9 @@ from dataset import training_latents
 from utils import Config
 
 
-def decode_as_original(tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int], eos_token_id: int,
-                       kept_ids: Collection[int]) -> str:
+def decode_as_original(
+    tokenizer: Any, prompt_ids: Sequence[int], new_ids: Sequence[int], eos_token_id: int, kept_ids: Collection[int]
+) -> str:
     """The original's decoded text: prompt + generation up to eos, special tokens skipped except kept_ids.
 
     The original's generate never appends eos (it stops before it), so the generation is cut there.
@@ -83,4 +84,4 @@ def written_cot(generation: str) -> str:
 def written_cot_gold(record: dict[str, Any], stage: int, config: Config) -> str:
     """The steps a sample at this stage is trained to write out, as the generation would show them."""
     steps = record["steps"]
-    return "\n".join(steps[training_latents(len(steps), stage, config)[0]:]).strip()
+    return "\n".join(steps[training_latents(len(steps), stage, config)[0] :]).strip()

@@ -172,8 +172,11 @@ class Run:
             self._check_resumable(path, state)
             self.resume_from, self.state, self.resume_pending = path, state, True
             self.newest = (state.epoch, state.batch, path)
-            where = f"epoch {state.epoch}" if not state.ranks else (
-                f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
+            where = (
+                f"epoch {state.epoch}"
+                if not state.ranks
+                else (f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
+            )
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
             self._restore_metrics()
         if self.info.is_main:
@@ -182,11 +185,15 @@ class Run:
     def _check_resumable(self, path: Path, state: ckpt.TrainState) -> None:
         state_file = path / ckpt.STATE_FILE
         if state.epoch > self.config.num_epochs:
-            raise ckpt.CheckpointError(f"{state_file}: key 'epoch': {state.epoch} is past num_epochs "
-                                       f"({self.config.num_epochs}); raise num_epochs or use another save_path/name")
+            raise ckpt.CheckpointError(
+                f"{state_file}: key 'epoch': {state.epoch} is past num_epochs "
+                f"({self.config.num_epochs}); raise num_epochs or use another save_path/name"
+            )
         if state.ranks and state.ranks != self.info.world_size:
-            raise ckpt.CheckpointError(f"{path}: a mid-epoch checkpoint of {state.ranks} ranks: resume it with "
-                                       f"{state.ranks} processes, or remove {path.name} to resume from the one before")
+            raise ckpt.CheckpointError(
+                f"{path}: a mid-epoch checkpoint of {state.ranks} ranks: resume it with "
+                f"{state.ranks} processes, or remove {path.name} to resume from the one before"
+            )
 
     def _restore_metrics(self) -> None:
         """Keep metrics.jsonl's lines up to the resumed epoch: later epochs are re-run and re-reported.
@@ -245,10 +252,18 @@ class Run:
             enable_latent_checkpointing(decoder_layers)
         self.base, self.decoder_layers = base, decoder_layers
         # Several ranks under FSDP: synced_gpus makes every rank run the same passes and steps.
-        model = Coconut(base, self.ids.latent, self.ids.start, self.ids.end, self.tokenizer.eos_token_id,
-                        self.tokenizer.pad_token_id, feed_thoughts=config.feeds_thoughts, synced_gpus=info.distributed,
-                        compile_latent_passes=config.compile_latent_passes,
-                        decode_cuda_graph=config.decode_cuda_graph).to(info.device)
+        model = Coconut(
+            base,
+            self.ids.latent,
+            self.ids.start,
+            self.ids.end,
+            self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id,
+            feed_thoughts=config.feeds_thoughts,
+            synced_gpus=info.distributed,
+            compile_latent_passes=config.compile_latent_passes,
+            decode_cuda_graph=config.decode_cuda_graph,
+        ).to(info.device)
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None
@@ -256,7 +271,9 @@ class Run:
         self.model = model
         # One process has no FSDP mixed-precision policy: autocast gives the same bf16 compute.
         use_autocast = dtype is not None and not info.distributed
-        self.autocast: Callable = (lambda: torch.autocast(info.device.type, dtype=dtype)) if use_autocast else contextlib.nullcontext
+        self.autocast: Callable = (
+            (lambda: torch.autocast(info.device.type, dtype=dtype)) if use_autocast else contextlib.nullcontext
+        )
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=config.fp16)
 
     def _load_weights(self, base: Any, model_dir: Path) -> tuple[Any, bool]:
@@ -272,10 +289,13 @@ class Run:
         if self.resume_from is not None:
             saved = source.config.lora_settings() if source is not None else self.config.lora_settings()
             if (source is not None and source.config.uses_lora or self.config.uses_lora) and (
-                    saved != self.config.lora_settings()):
+                saved != self.config.lora_settings()
+            ):
                 changed = [k for k in saved if saved[k] != getattr(self.config, k)]
-                raise ckpt.CheckpointError(f"{model_dir}: saved by a run with other LoRA keys ({', '.join(changed)}); "
-                                           "resume with the same values, or start a new run from it (load_model_path)")
+                raise ckpt.CheckpointError(
+                    f"{model_dir}: saved by a run with other LoRA keys ({', '.join(changed)}); "
+                    "resume with the same values, or start a new run from it (load_model_path)"
+                )
         elif has_adapter(model_dir):
             base = merge_adapter(base, model_dir)
         return base, latent_rows_trained(source)
@@ -284,7 +304,9 @@ class Run:
         config = self.config
         records = load_records(path)[:max_size]
         if config.multimodal:
-            base, media = tokenize_mm_records(records, path, self.tokenizer, ImageTokens.from_processor(self.processor), config)
+            base, media = tokenize_mm_records(
+                records, path, self.tokenizer, ImageTokens.from_processor(self.processor), config
+            )
         else:
             base, media = tokenize_records(records, self.tokenizer, path), {}
         max_length = config.max_length or self.base.config.get_text_config().max_position_embeddings
@@ -310,7 +332,9 @@ class Run:
         self._build_model()
         debug = config.debug
         self.val = self._load_split(config.val_path, DEBUG_VAL_SIZE if debug else None)
-        self.train = None if config.only_eval else self._load_split(config.train_path, DEBUG_TRAIN_SIZE if debug else None)
+        self.train = (
+            None if config.only_eval else self._load_split(config.train_path, DEBUG_TRAIN_SIZE if debug else None)
+        )
         self.collate = self._collator()
         self._start_summary()
         self._open_output()
@@ -345,8 +369,13 @@ class Run:
         record["val_loss"] = self._val_loss(stage)
         result = self._generate(stage)
         release_gathered(self.model)  # no backward resharded what these forwards gathered
-        record.update(accuracy=result.accuracy, cot_match=result.cot_match, written_cot_match=result.written_cot_match,
-                      correct=result.correct, total=result.total)
+        record.update(
+            accuracy=result.accuracy,
+            cot_match=result.cot_match,
+            written_cot_match=result.written_cot_match,
+            correct=result.correct,
+            total=result.total,
+        )
         if self.info.is_main:  # eval-only and debug runs too
             write_predictions(self.save_dir / PREDICTIONS_DIR / f"epoch_{record['epoch']}.jsonl", result.predictions)
         self._report(record, result.examples(GENERATIONS_TABLE_ROWS))
@@ -376,14 +405,18 @@ class Run:
         if self.config.reset_optimizer and not mid_epoch:
             return  # the epoch starts with a fresh AdamW, as every epoch of such a run does
         if not state.optimizer_saved:  # saved by a reset_optimizer run, resumed without it
-            self._print(f"note: {path} holds no optimizer state (its run reset the optimizer every epoch): "
-                        "a fresh AdamW starts here")
+            self._print(
+                f"note: {path} holds no optimizer state (its run reset the optimizer every epoch): "
+                "a fresh AdamW starts here"
+            )
             return
         saved = ckpt.read_optimizer_state(path) if self.info.is_main else {}
         set_optimizer_state_dict(self.model, optimizer, saved, options=self._state_options(load=True))
 
     def _state_options(self, load: bool = False) -> StateDictOptions:
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=load and self.info.distributed)
+        return StateDictOptions(
+            full_state_dict=True, cpu_offload=True, broadcast_from_rank0=load and self.info.distributed
+        )
 
     # --- one epoch ----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int, stage: int, optimizer: torch.optim.Optimizer) -> float:
@@ -397,7 +430,9 @@ class Run:
         torch.manual_seed(config.seed + epoch)  # per-epoch streams: a resumed epoch draws the same numbers
         samples = get_cot_latent_dataset(stage, self.train.base, config, self.ids, random.Random(config.seed + epoch))
         dataset = self.train.wrap(samples, config)
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed)
+        sampler = DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=config.seed
+        )
         sampler.set_epoch(epoch)
         order = list(sampler)  # this rank's samples, in this epoch's order
         size, accum = config.batch_size_training, config.gradient_accumulation_steps
@@ -406,9 +441,15 @@ class Run:
         mid_epoch = self.resume_pending and ckpt.is_step_checkpoint(self.resume_from)
         done = self._resume_batch(n_batches) if mid_epoch else 0
         # a resumed epoch skips what it trained already: those samples are never loaded again
-        loader = DataLoader(dataset, batch_size=size, sampler=order[done * size:], collate_fn=self.collate,
-                            num_workers=config.num_workers, pin_memory=info.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals)
+        loader = DataLoader(
+            dataset,
+            batch_size=size,
+            sampler=order[done * size :],
+            collate_fn=self.collate,
+            num_workers=config.num_workers,
+            pin_memory=info.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals,
+        )
         batches = iter(loader)  # draws the workers' seed: before the RNG states are restored, as in the first run
         loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # this rank's summed CE, label count
         if mid_epoch:
@@ -438,8 +479,11 @@ class Run:
                 self._log_step(out, ce, n_labels, lr, epoch + done / n_batches, stage, throughput)
             self.bar.update(1)
             # the step that ends an epoch is saved by its epoch checkpoint, unless that waits for evaluation
-            if config.save_every_steps and self.state.step % config.save_every_steps == 0 and (
-                    done < n_batches or config.save_only_improve):
+            if (
+                config.save_every_steps
+                and self.state.step % config.save_every_steps == 0
+                and (done < n_batches or config.save_only_improve)
+            ):
                 self._save_step(optimizer, epoch, done, loss_sum)
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
@@ -448,8 +492,10 @@ class Run:
         """Micro-batches of this epoch that the resumed step checkpoint has trained already."""
         done, accum = self.state.batch, self.config.gradient_accumulation_steps
         if done > n_batches or (done % accum and done != n_batches):
-            raise ckpt.CheckpointError(f"{self.resume_from / ckpt.STATE_FILE}: key 'batch': {done} is not a step "
-                                       f"boundary of this epoch ({n_batches} micro-batches, accumulation {accum})")
+            raise ckpt.CheckpointError(
+                f"{self.resume_from / ckpt.STATE_FILE}: key 'batch': {done} is not a step "
+                f"boundary of this epoch ({n_batches} micro-batches, accumulation {accum})"
+            )
         return done
 
     def _restore_rank_part(self, loss_sum: torch.Tensor) -> None:
@@ -458,8 +504,7 @@ class Run:
         loss_sum.copy_(part["loss_sum"])
         self.scaler.load_state_dict(part["scaler"])
 
-    def _train_window(self, window: list[Batch], n_labels: float,
-                      throughput: _Throughput) -> tuple[torch.Tensor, Any]:
+    def _train_window(self, window: list[Batch], n_labels: float, throughput: _Throughput) -> tuple[torch.Tensor, Any]:
         """Forward and backward of one optimizer step's micro-batches; returns this rank's summed CE.
 
         Each micro-batch's summed CE is divided by (global label count of the whole window ÷ world
@@ -498,8 +543,9 @@ class Run:
         optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
 
-    def _log_step(self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: float, stage: int,
-                  throughput: _Throughput) -> None:
+    def _log_step(
+        self, out: Any, ce: torch.Tensor, n_labels: float, lr: float, epoch: float, stage: int, throughput: _Throughput
+    ) -> None:
         """The optimizer step's global token-mean loss, grad norm, throughput over every rank since the last
         log, and thought vs token-embedding norms (rank 0's last micro-batch). A collective: every rank logs.
 
@@ -507,21 +553,32 @@ class Run:
         """
         tokens, samples, elapsed = throughput.take()
         norm = self.grad_norm.full_tensor() if isinstance(self.grad_norm, DTensor) else self.grad_norm
-        values = [all_reduce_sum(torch.cat([ce.view(1), ce.new_tensor([tokens, samples])])),
-                  norm.double().view(1), out.token_norm.double().view(1)]
+        values = [
+            all_reduce_sum(torch.cat([ce.view(1), ce.new_tensor([tokens, samples])])),
+            norm.double().view(1),
+            out.token_norm.double().view(1),
+        ]
         if out.thought_norm is not None:
             values.append(out.thought_norm.double().view(1))
         ce_sum, tokens, samples, grad_norm, token_norm, *thought_norm = torch.cat(values).tolist()  # one sync
-        entry = {"train/epoch": epoch, "train/stage": stage, "train/loss": ce_sum / max(n_labels, 1.0),
-                 "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens / elapsed,
-                 "train/samples_per_s": samples / elapsed, "train/token_embedding_norm": token_norm}
+        entry = {
+            "train/epoch": epoch,
+            "train/stage": stage,
+            "train/loss": ce_sum / max(n_labels, 1.0),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": tokens / elapsed,
+            "train/samples_per_s": samples / elapsed,
+            "train/token_embedding_norm": token_norm,
+        }
         if thought_norm:
             entry["train/thought_norm"] = thought_norm[0]
         self.logger.log(entry, step=self.state.step)
 
     # --- stopping -----------------------------------------------------------------------------
-    def _stop_in_epoch(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, n_batches: int,
-                       loss_sum: torch.Tensor) -> None:
+    def _stop_in_epoch(
+        self, optimizer: torch.optim.Optimizer, epoch: int, done: int, n_batches: int, loss_sum: torch.Tensor
+    ) -> None:
         """A stop agreed at a step boundary: save this point as a step checkpoint, then stop."""
         if done == n_batches and not self.config.save_only_improve:
             self.stopping = True  # the epoch checkpoint, saved next, holds this point
@@ -533,30 +590,48 @@ class Run:
 
     def _stopped(self, what: str) -> str:
         by = self.stop.signal_name or "a stop signal to another rank"
-        return (f"stopped by {by} after optimizer step {self.state.step}: {what}; "
-                "run the same command again to resume from it")
+        return (
+            f"stopped by {by} after optimizer step {self.state.step}: {what}; "
+            "run the same command again to resume from it"
+        )
 
     # --- output -------------------------------------------------------------------------------
-    def _save(self, optimizer: torch.optim.Optimizer | None, accuracy: float | None = None,
-              announce: bool = True) -> Path:
+    def _save(
+        self, optimizer: torch.optim.Optimizer | None, accuracy: float | None = None, announce: bool = True
+    ) -> Path:
         """checkpoint_{epoch} at an epoch boundary. With reset_optimizer it holds no optimizer state:
         the next epoch starts a fresh AdamW anyway, and AdamW's state is twice the fp32 weights."""
         keep_optimizer = optimizer is not None and not self.config.reset_optimizer
         state = dataclasses.replace(self.state, batch=0, ranks=0, optimizer_saved=keep_optimizer, accuracy=accuracy)
-        return self._write(f"{ckpt.PREFIX}{state.epoch}", state, optimizer if keep_optimizer else None, None,
-                           self.config.stage(state.epoch - 1), announce)
+        return self._write(
+            f"{ckpt.PREFIX}{state.epoch}",
+            state,
+            optimizer if keep_optimizer else None,
+            None,
+            self.config.stage(state.epoch - 1),
+            announce,
+        )
 
-    def _save_step(self, optimizer: torch.optim.Optimizer, epoch: int, done: int, loss_sum: torch.Tensor,
-                   announce: bool = True) -> Path:
+    def _save_step(
+        self, optimizer: torch.optim.Optimizer, epoch: int, done: int, loss_sum: torch.Tensor, announce: bool = True
+    ) -> Path:
         """step_{S} mid-epoch: also every rank's RNG states, running loss sums and loss scaler."""
-        state = dataclasses.replace(self.state, epoch=epoch, batch=done, ranks=self.info.world_size,
-                                    optimizer_saved=True, accuracy=None)
+        state = dataclasses.replace(
+            self.state, epoch=epoch, batch=done, ranks=self.info.world_size, optimizer_saved=True, accuracy=None
+        )
         part = {"rng": ckpt.rng_state(self.info.device), "loss_sum": loss_sum.cpu(), "scaler": self.scaler.state_dict()}
         name = f"{ckpt.STEP_PREFIX}{state.step}"
         return self._write(name, state, optimizer, part, self.config.stage(epoch), announce)
 
-    def _write(self, name: str, state: ckpt.TrainState, optimizer: torch.optim.Optimizer | None,
-               rank_part: dict[str, Any] | None, stage: int, announce: bool) -> Path:
+    def _write(
+        self,
+        name: str,
+        state: ckpt.TrainState,
+        optimizer: torch.optim.Optimizer | None,
+        rank_part: dict[str, Any] | None,
+        stage: int,
+        announce: bool,
+    ) -> Path:
         """Gather full weights and optimizer state (every rank takes part); write atomically; prune."""
         config, info = self.config, self.info
         if not self.writes:
@@ -590,14 +665,30 @@ class Run:
     def _val_loss(self, stage: int) -> float:
         config = self.config
         samples = get_cot_latent_dataset(stage, self.val.base, config, self.ids, random.Random(config.seed))
-        return validation_loss(self.model, self.val.wrap(samples, config), self.collate, self.info,
-                               config.batch_size_eval, config.num_workers, self.autocast)
+        return validation_loss(
+            self.model,
+            self.val.wrap(samples, config),
+            self.collate,
+            self.info,
+            config.batch_size_eval,
+            config.num_workers,
+            self.autocast,
+        )
 
     def _generate(self, stage: int) -> Any:
         config = self.config
         questions = get_question_latent_dataset(stage, self.val.base, config, self.ids)
-        return generation_accuracy(self.model, self.val.wrap(questions, config), self.collate, self.val.records,
-                                   self.tokenizer, self.info, config, stage, self.autocast)
+        return generation_accuracy(
+            self.model,
+            self.val.wrap(questions, config),
+            self.collate,
+            self.val.records,
+            self.tokenizer,
+            self.info,
+            config,
+            stage,
+            self.autocast,
+        )
 
     def _report(self, record: dict[str, Any], examples: list[dict[str, Any]]) -> None:
         """An evaluation's metrics line, its sample generations (console: the first few; wandb: a table),
@@ -627,12 +718,18 @@ class Run:
             device += f" ({torch.cuda.get_device_name(info.device)})"
         splits = {"train": self.train, "val": self.val} if self.train is not None else {"val": self.val}
         lines = start_lines(
-            config, world_size=info.world_size, device=device,
+            config,
+            world_size=info.world_size,
+            device=device,
             weights_dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
             parameters=parameter_counts(self.model),
             records={name: (len(split.records), len(split.base)) for name, split in splits.items()},
-            steps_per_epoch=self._steps_per_epoch(), first_epoch=self.state.first_epoch,
-            steps_done=self.state.step, save_dir=self.save_dir, writes=self.writes)
+            steps_per_epoch=self._steps_per_epoch(),
+            first_epoch=self.state.first_epoch,
+            steps_done=self.state.step,
+            save_dir=self.save_dir,
+            writes=self.writes,
+        )
         self._print("\n".join(lines))
 
     def _steps_per_epoch(self) -> int:
@@ -640,8 +737,9 @@ class Run:
         if self.train is None:
             return 0
         per_rank = math.ceil(len(self.train.base) / self.info.world_size)
-        return steps_per_epoch(math.ceil(per_rank / self.config.batch_size_training),
-                               self.config.gradient_accumulation_steps)
+        return steps_per_epoch(
+            math.ceil(per_rank / self.config.batch_size_training), self.config.gradient_accumulation_steps
+        )
 
     def _open_output(self) -> None:
         """Rank 0: the console, train_log.jsonl (unless debug or eval-only), wandb (unless debug or
@@ -658,8 +756,14 @@ class Run:
                 loggers.append(wandb)
             self.logger = MultiLogger(loggers)
         total = 0 if config.only_eval else self._steps_per_epoch() * (config.num_epochs - self.state.first_epoch)
-        self.bar = tqdm(total=total, initial=self.state.step, unit="step", smoothing=0, dynamic_ncols=True,
-                        disable=not info.is_main or config.only_eval)
+        self.bar = tqdm(
+            total=total,
+            initial=self.state.step,
+            unit="step",
+            smoothing=0,
+            dynamic_ncols=True,
+            disable=not info.is_main or config.only_eval,
+        )
         if self.console is not None:
             self.console.bar = self.bar
 
@@ -674,10 +778,14 @@ class Run:
             return
         self.bar.close()  # before the last lines: the bar's final state stays above them
         checkpoints = [path.name for _, path in ckpt.complete_checkpoints(self.save_dir)] if self.writes else []
-        files = [name for name in (METRICS_FILE, TRAIN_LOG_FILE, CURVES_FILE, PREDICTIONS_DIR + "/")
-                 if (self.save_dir / name).exists()]
-        self._print("\n".join(end_lines(self.metrics, time.perf_counter() - self.started, self.save_dir,
-                                        checkpoints, files)))
+        files = [
+            name
+            for name in (METRICS_FILE, TRAIN_LOG_FILE, CURVES_FILE, PREDICTIONS_DIR + "/")
+            if (self.save_dir / name).exists()
+        ]
+        self._print(
+            "\n".join(end_lines(self.metrics, time.perf_counter() - self.started, self.save_dir, checkpoints, files))
+        )
 
     def _print(self, text: str) -> None:
         if self.info.is_main:

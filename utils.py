@@ -32,12 +32,32 @@ TINY_PREFIX = "tiny:"  # model_id "tiny:DIR": the offline tiny InternVL, built i
 MAX_TILES = 128
 # InternVL's LoRA targets (internvl_chat's wrap_llm_lora for Qwen2/Llama; wrap_backbone_lora for InternViT, whose
 # fused attn.qkv and attn.proj are q_proj, k_proj, v_proj and projection_layer in transformers' native layout).
-LLM_LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                    "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj")
-BACKBONE_LORA_TARGETS = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.projection_layer",
-                         "mlp.fc1", "mlp.fc2")
-LORA_KEYS = ("use_llm_lora", "use_backbone_lora", "llm_lora_alpha", "backbone_lora_alpha", "lora_dropout",
-             "llm_lora_target_modules", "backbone_lora_target_modules")
+LLM_LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.down_proj",
+    "mlp.up_proj",
+)
+BACKBONE_LORA_TARGETS = (
+    "attention.q_proj",
+    "attention.k_proj",
+    "attention.v_proj",
+    "attention.projection_layer",
+    "mlp.fc1",
+    "mlp.fc2",
+)
+LORA_KEYS = (
+    "use_llm_lora",
+    "use_backbone_lora",
+    "llm_lora_alpha",
+    "backbone_lora_alpha",
+    "lora_dropout",
+    "llm_lora_target_modules",
+    "backbone_lora_target_modules",
+)
 
 
 @dataclasses.dataclass
@@ -168,11 +188,31 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_POSITIVE = ("c_thought", "epochs_per_stage", "batch_size_training", "gradient_accumulation_steps",
-             "num_epochs", "max_tiles", "image_size", "batch_size_eval", "max_new_tokens",
-             "video_tiles", "num_frames", "log_every", "dist_timeout_s", "latent_column_multiple")
-_NON_NEGATIVE = ("max_latent_stage", "resume", "num_workers", "save_every_steps", "save_total_limit",
-                 "use_llm_lora", "use_backbone_lora")
+_POSITIVE = (
+    "c_thought",
+    "epochs_per_stage",
+    "batch_size_training",
+    "gradient_accumulation_steps",
+    "num_epochs",
+    "max_tiles",
+    "image_size",
+    "batch_size_eval",
+    "max_new_tokens",
+    "video_tiles",
+    "num_frames",
+    "log_every",
+    "dist_timeout_s",
+    "latent_column_multiple",
+)
+_NON_NEGATIVE = (
+    "max_latent_stage",
+    "resume",
+    "num_workers",
+    "save_every_steps",
+    "save_total_limit",
+    "use_llm_lora",
+    "use_backbone_lora",
+)
 _HINTS = typing.get_type_hints(Config)
 # Every float key must be a finite number >= 0: `lr: .inf` trained to NaN weights, and `max_grad_norm: .nan`
 # switched clipping off (NaN compares false with everything, so no range check catches it).
@@ -211,7 +251,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' given twice (first at line {first_line[key] + 1})", key_node.start_mark)
+                    None, None, f"key '{key}' given twice (first at line {first_line[key] + 1})", key_node.start_mark
+                )
             first_line[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -331,8 +372,10 @@ def _check_values(config: Config, origin: Origin) -> None:
             raise ConfigError(f"{at(key)}: key '{key}': must be >= 0, got {getattr(config, key)}")
     for key in ("max_tiles", "video_tiles"):
         if getattr(config, key) > MAX_TILES:
-            raise ConfigError(f"{at(key)}: key '{key}': at most {MAX_TILES} (that many tiles of 256 tokens fill "
-                              f"InternVL3's whole context), got {getattr(config, key)}")
+            raise ConfigError(
+                f"{at(key)}: key '{key}': at most {MAX_TILES} (that many tiles of 256 tokens fill "
+                f"InternVL3's whole context), got {getattr(config, key)}"
+            )
     if not 0.0 <= config.uniform_prob <= 1.0:
         raise ConfigError(f"{at('uniform_prob')}: key 'uniform_prob': must be in [0, 1], got {config.uniform_prob}")
     if not 0.0 <= config.warmup_ratio < 1.0:
@@ -343,14 +386,18 @@ def _check_values(config: Config, origin: Origin) -> None:
     if config.lora_dropout >= 1.0:
         raise ConfigError(f"{at('lora_dropout')}: key 'lora_dropout': must be in [0, 1), got {config.lora_dropout}")
     if config.use_backbone_lora and not config.multimodal:
-        raise ConfigError(f"{at('use_backbone_lora')}: key 'use_backbone_lora': only multimodal (InternVL) models "
-                          "have a vision backbone")
+        raise ConfigError(
+            f"{at('use_backbone_lora')}: key 'use_backbone_lora': only multimodal (InternVL) models "
+            "have a vision backbone"
+        )
     if config.max_length is not None and config.max_length <= 0:
         raise ConfigError(f"{at('max_length')}: key 'max_length': must be > 0, got {config.max_length}")
     name = PurePath(config.name)
     if not name.parts or name.is_absolute() or ".." in name.parts:  # checkpoints (and clean-up) stay in save_path
-        raise ConfigError(f"{at('name')}: key 'name': must name a directory inside save_path (a relative path "
-                          f"without '..'), got {config.name!r}")
+        raise ConfigError(
+            f"{at('name')}: key 'name': must name a directory inside save_path (a relative path "
+            f"without '..'), got {config.name!r}"
+        )
     if config.model_id is None:
         raise ConfigError(f"{at('model_id')}: key 'model_id': required for text-only runs (multimodal: false)")
     if config.only_eval and config.load_model_path is None:
@@ -387,8 +434,9 @@ def check_paths(config: Config, source: str | Origin = "<config>") -> None:
     if model_id is not None and not model_id.startswith(TINY_PREFIX):
         local = Path(model_id).expanduser()
         if (local.exists() or is_local_model_path(model_id)) and not local.is_dir():
-            raise ConfigError(f"{at('model_id')}: key 'model_id': no model directory {model_id} "
-                              "(a local path, not a hub id)")
+            raise ConfigError(
+                f"{at('model_id')}: key 'model_id': no model directory {model_id} (a local path, not a hub id)"
+            )
     save_dir = Path(config.save_path)
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -399,8 +447,9 @@ def check_paths(config: Config, source: str | Origin = "<config>") -> None:
         raise ConfigError(f"{at('save_path')}: key 'save_path': not writable: {save_dir} ({e})") from None
     run_dir = (save_dir / config.name).resolve()  # name has no '..': only a symlink can lead out
     if run_dir == save_dir.resolve() or not run_dir.is_relative_to(save_dir.resolve()):
-        raise ConfigError(f"{at('name')}: key 'name': {save_dir / config.name} resolves to {run_dir}, "
-                          f"outside save_path {save_dir}")
+        raise ConfigError(
+            f"{at('name')}: key 'name': {save_dir / config.name} resolves to {run_dir}, outside save_path {save_dir}"
+        )
 
 
 def check_launch(config: Config, source: str | Origin = "<config>") -> None:
@@ -419,8 +468,9 @@ def check_launch(config: Config, source: str | Origin = "<config>") -> None:
         import torch  # only for this key: the other checks stay light
 
         if ranks > 1 or not torch.cuda.is_available():
-            raise ConfigError(f"{at('decode_cuda_graph')}: key 'decode_cuda_graph': CUDA graph decoding needs one "
-                              "process on a GPU")
+            raise ConfigError(
+                f"{at('decode_cuda_graph')}: key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU"
+            )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -2,7 +2,8 @@
 
 `python -m bench.bench_step [--tiny | --host-proxy] [--device cuda|cpu] [--dtype bf16|fp32] [--batch 8]
 [--tiles 5] [--question 64] [--latents 6] [--answer 64] [--iters 5] [--warmup 2] [--new-tokens 32]
-[--ragged 0] [--shapes 1] [--column-multiple 1] [--modes vision,sft,coconut,...] [--freeze-backbone] [--profile] [--out results.jsonl]`
+[--ragged 0] [--shapes 1] [--column-multiple 1] [--modes vision,sft,coconut,...] [--freeze-backbone] [--profile]
+[--out results.jsonl]`
 
 Builds the model from its config in the target dtype (no download; --tiny loads the offline tiny
 checkpoint instead, --host-proxy builds the full depth at toy width), collates a synthetic batch
@@ -64,8 +65,18 @@ from multimodal.tiny_model import QWEN25_SPECIAL_START_ID, TINY_BPE_VOCAB_SIZE, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = REPO_ROOT / "data" / "tiny_internvl"
-MODES = ("vision", "sft", "coconut", "decode", "decode_step", "naive", "naive_decode", "decode_graph",
-         "coconut_compiled", "coconut_graphed")
+MODES = (
+    "vision",
+    "sft",
+    "coconut",
+    "decode",
+    "decode_step",
+    "naive",
+    "naive_decode",
+    "decode_graph",
+    "coconut_compiled",
+    "coconut_graphed",
+)
 CUDA_ONLY_MODES = ("decode_graph",)
 OPT_IN_MODES = ("coconut_compiled", "coconut_graphed")  # run only when --modes names them: each compiles
 STEP_MODES = ("vision", "sft", "coconut", "naive", "coconut_compiled", "coconut_graphed")
@@ -159,11 +170,22 @@ class Bench:
 def internvl3_1b_config(rope: str) -> InternVLConfig:
     """The native InternVLConfig of InternVL3-1B (InternViT-300M + Qwen2.5-0.5B shape, untied head)."""
     return internvl3_config(
-        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                    image_size=448),
-        text=dict(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_parameters=dict(ROPE[rope]), bos_token_id=PAD_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID),
+        vision=dict(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, image_size=448
+        ),
+        text=dict(
+            vocab_size=VOCAB,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_parameters=dict(ROPE[rope]),
+            bos_token_id=PAD_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+        ),
         image_token_id=IMG_CONTEXT_ID,
         image_seq_length=256,
     )
@@ -177,10 +199,19 @@ def host_proxy_config(rope: str) -> InternVLConfig:
     """
     return internvl3_config(
         vision=dict(hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64, image_size=28),
-        text=dict(vocab_size=PROXY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_parameters=dict(ROPE[rope]), bos_token_id=PROXY_PAD, eos_token_id=PROXY_EOS,
-                  pad_token_id=PROXY_PAD),
+        text=dict(
+            vocab_size=PROXY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=24,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_parameters=dict(ROPE[rope]),
+            bos_token_id=PROXY_PAD,
+            eos_token_id=PROXY_EOS,
+            pad_token_id=PROXY_PAD,
+        ),
         image_token_id=PROXY_IMAGE[1],
         image_seq_length=1,
     )
@@ -225,7 +256,12 @@ def build_model(args: argparse.Namespace) -> tuple[nn.Module, TokenIds, dict[str
         if args.host_proxy:
             n_text, pad, eos, image_ids = PROXY_PAD, PROXY_PAD, PROXY_EOS, PROXY_IMAGE
         else:
-            n_text, pad, eos, image_ids = QWEN25_SPECIAL_START_ID, PAD_ID, EOS_ID, (IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID)
+            n_text, pad, eos, image_ids = (
+                QWEN25_SPECIAL_START_ID,
+                PAD_ID,
+                EOS_ID,
+                (IMG_START_ID, IMG_CONTEXT_ID, IMG_END_ID),
+            )
         image = ImageTokens(*image_ids, model.config.image_seq_length)
     counts = param_counts(model)
     if not (args.tiny or args.host_proxy) and counts != REFERENCE_PARAMS:
@@ -327,11 +363,21 @@ def sft_loss(model: nn.Module, input_ids: torch.Tensor, batch: Batch) -> torch.T
     return label_loss(model.lm_head, hidden, batch.labels)
 
 
-def full_forward(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 pixel_values: torch.Tensor, **kwargs: Any) -> Any:
+def full_forward(
+    model: nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    pixel_values: torch.Tensor,
+    **kwargs: Any,
+) -> Any:
     """The seed's per-pass call: the whole model (vision tower included) on the whole sequence, no cache."""
     return model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, pixel_values=pixel_values, use_cache=False,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        pixel_values=pixel_values,
+        use_cache=False,
         **kwargs,
     )
 
@@ -344,7 +390,11 @@ def naive_fill(model: nn.Module, latent_id: int, batch: Batch) -> torch.Tensor:
     rank = is_latent.long().cumsum(1) * is_latent  # i at a sample's i-th latent, 0 elsewhere
     for i in range(1, int(rank.max()) + 1):
         out = full_forward(
-            model, embeds, batch.attention_mask, batch.position_ids, batch.pixel_values,
+            model,
+            embeds,
+            batch.attention_mask,
+            batch.position_ids,
+            batch.pixel_values,
             output_hidden_states=True,
         )
         hidden = out.hidden_states[-1]
@@ -422,8 +472,12 @@ def timed(fn: Callable[[], Any], args: argparse.Namespace, profile: bool = False
         if i >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
             cpu_times.append((time.process_time() - cpu_start) * 1e3)
-    timing: dict[str, Any] = {"ms_median": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
-                              "ms_max": round(max(times), 3), "cpu_ms_median": round(statistics.median(cpu_times), 3)}
+    timing: dict[str, Any] = {
+        "ms_median": round(statistics.median(times), 3),
+        "ms_min": round(min(times), 3),
+        "ms_max": round(max(times), 3),
+        "cpu_ms_median": round(statistics.median(cpu_times), 3),
+    }
     if profile:
         timing["profile"] = profile_run(fn, args.device, args.profile_top)
     return timing, result
@@ -505,7 +559,12 @@ def train_step(
 
     timing, loss = timed(step, bench.args, profile=bench.args.profile)
     saved_gib = round(saved_for_backward(lambda: loss_fn(0)) / 2**30, 6) if count_saved else None
-    return {**timing, "loss": float(loss), "saved_gib": saved_gib, **rates(flops, timing["ms_median"], bench.args.peak_tflops)}
+    return {
+        **timing,
+        "loss": float(loss),
+        "saved_gib": saved_gib,
+        **rates(flops, timing["ms_median"], bench.args.peak_tflops),
+    }
 
 
 def decode_rates(
@@ -546,8 +605,12 @@ def mode_sft(bench: Bench) -> dict[str, Any]:
 
 
 def coconut_step(bench: Bench, coconut: Coconut) -> dict[str, Any]:
-    line = train_step(bench, lambda i: coconut(bench.batches[i]).loss, bench.flops["step"],
-                      count_saved=not coconut.compile_latent_passes)
+    line = train_step(
+        bench,
+        lambda i: coconut(bench.batches[i]).loss,
+        bench.flops["step"],
+        count_saved=not coconut.compile_latent_passes,
+    )
     return {**line, "tokens": bench.batch.input_ids.numel(), "passes": bench.layout.latents + 1}
 
 
@@ -560,8 +623,15 @@ def compiled_coconut(mode: str) -> Callable[[Bench], dict[str, Any]]:
 
     def measure(bench: Bench) -> dict[str, Any]:
         plain = bench.coconut
-        coconut = Coconut(bench.model, plain.latent_token_id, plain.start_latent_id, plain.end_latent_id,
-                          plain.eos_token_id, plain.pad_token_id, compile_latent_passes=mode)
+        coconut = Coconut(
+            bench.model,
+            plain.latent_token_id,
+            plain.start_latent_id,
+            plain.end_latent_id,
+            plain.eos_token_id,
+            plain.pad_token_id,
+            compile_latent_passes=mode,
+        )
         start = time.perf_counter()
         coconut(bench.batch).loss.backward()
         _sync(bench.args.device)
@@ -577,9 +647,7 @@ def mode_naive(bench: Bench) -> dict[str, Any]:
 
 
 def mode_decode(bench: Bench) -> dict[str, Any]:
-    line, _ = decode_rates(
-        bench, lambda n: bench.coconut.generate(bench.prompts, max_new_tokens=n), bench.layout.batch
-    )
+    line, _ = decode_rates(bench, lambda n: bench.coconut.generate(bench.prompts, max_new_tokens=n), bench.layout.batch)
     return line
 
 
@@ -592,8 +660,12 @@ def mode_decode_step(bench: Bench) -> dict[str, Any]:
         new_tokens = max(args.new_tokens, args.warmup + args.iters + 2)  # buffers for every step run (+ profile)
         decoder = bench.coconut.adapter.greedy_decoder(prompt, new_tokens, -1, bench.ids.pad)
         timing, _ = timed(decoder.step, args, profile=args.profile)
-    return {**timing, "decoder": type(decoder).__name__, "cache_len": prompt.attention_mask.shape[1] + new_tokens,
-            "samples": bench.layout.batch}
+    return {
+        **timing,
+        "decoder": type(decoder).__name__,
+        "cache_len": prompt.attention_mask.shape[1] + new_tokens,
+        "samples": bench.layout.batch,
+    }
 
 
 def mode_decode_graph(bench: Bench) -> dict[str, Any]:
@@ -742,8 +814,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.bench_step", description=__doc__.split("\n\n")[0])
     arch = p.add_mutually_exclusive_group()
     arch.add_argument("--tiny", action="store_true", help="offline tiny InternVL instead of the full-size architecture")
-    arch.add_argument("--host-proxy", action="store_true",
-                      help="InternVL3-1B's depth at toy width: on a CPU, times the per-op host work (see host_proxy_config)")
+    arch.add_argument(
+        "--host-proxy",
+        action="store_true",
+        help="InternVL3-1B's depth at toy width: on a CPU, times the per-op host work (see host_proxy_config)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--batch", type=at_least(1), default=8)
@@ -751,13 +826,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--question", type=at_least(0), default=64, help="question tokens after the image")
     p.add_argument("--latents", type=at_least(0), default=6)
     p.add_argument("--answer", type=at_least(0), default=64, help="answer tokens before eos")
-    p.add_argument("--ragged", type=at_least(0), default=0,
-                   help="questions up to this many tokens shorter across the batch: left padding, as real data has")
-    p.add_argument("--shapes", type=at_least(1), default=1,
-                   help="step modes cycle through this many batches, batch s with its latents s tokens earlier "
-                        "(question s shorter, answer s longer): a real run's mix of latent columns")
-    p.add_argument("--column-multiple", type=at_least(1), default=1,
-                   help="the collator's column_multiple (config latent_column_multiple): latent column rounded up")
+    p.add_argument(
+        "--ragged",
+        type=at_least(0),
+        default=0,
+        help="questions up to this many tokens shorter across the batch: left padding, as real data has",
+    )
+    p.add_argument(
+        "--shapes",
+        type=at_least(1),
+        default=1,
+        help="step modes cycle through this many batches, batch s with its latents s tokens earlier "
+        "(question s shorter, answer s longer): a real run's mix of latent columns",
+    )
+    p.add_argument(
+        "--column-multiple",
+        type=at_least(1),
+        default=1,
+        help="the collator's column_multiple (config latent_column_multiple): latent column rounded up",
+    )
     p.add_argument("--iters", type=at_least(1), default=5)
     p.add_argument("--warmup", type=at_least(0), default=2)
     p.add_argument("--new-tokens", type=at_least(2), default=32, help="tokens every decode run generates")
@@ -766,15 +853,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--freeze-backbone", action="store_true", help="vision tower requires_grad False")
     p.add_argument("--rope", choices=sorted(ROPE), default="dynamic", help="dynamic = InternVL3-1B's own")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak for MFU (H100/H200 SXM bf16: 989)")
-    p.add_argument("--profile", action="store_true",
-                   help="add a torch.profiler summary of one more run to each line (op/launch counts, busy GPU ms, top ops)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="add a torch.profiler summary of one more run to each line (op/launch counts, busy GPU ms, top ops)",
+    )
     p.add_argument("--profile-top", type=at_least(1), default=12, help="ops listed in each profile ranking")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="append the JSON lines here too")
     args = p.parse_args(argv)
     if args.ragged + args.shapes - 1 > args.question:
-        p.error(f"--ragged {args.ragged} + --shapes {args.shapes} - 1 exceeds --question {args.question}: "
-                "questions cannot be shorter than empty")
+        p.error(
+            f"--ragged {args.ragged} + --shapes {args.shapes} - 1 exceeds --question {args.question}: "
+            "questions cannot be shorter than empty"
+        )
     return args
 
 

@@ -53,12 +53,19 @@ def main(argv: list[str]) -> None:
         assert run.main([config, f"save_path={save_path}", *overrides]) == 0
     # step time: between consecutive optimizer steps of one epoch (not across a save and an evaluation)
     steps = [b - a for (ea, a), (eb, b) in zip(step_ends, step_ends[1:]) if ea == eb]
-    print(json.dumps({
-        "steps": len(step_ends), "median_step_ms": 1e3 * statistics.median(steps),
-        "median_log_step_ms": 1e3 * statistics.median(logs), "mean_log_step_ms": 1e3 * statistics.fmean(logs),
-        "log_share_of_step": statistics.median(logs) / statistics.median(steps),
-        "evaluations": len(curves), "mean_curves_ms": 1e3 * statistics.fmean(curves) if curves else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "steps": len(step_ends),
+                "median_step_ms": 1e3 * statistics.median(steps),
+                "median_log_step_ms": 1e3 * statistics.median(logs),
+                "mean_log_step_ms": 1e3 * statistics.fmean(logs),
+                "log_share_of_step": statistics.median(logs) / statistics.median(steps),
+                "evaluations": len(curves),
+                "mean_curves_ms": 1e3 * statistics.fmean(curves) if curves else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

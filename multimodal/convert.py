@@ -344,11 +344,13 @@ def resolve_model(model_id: str, cache_dir: str | Path, trust_remote_code: bool 
         raise ModelSetupError(f"model_id '{model_id}': no such model directory")
     else:
         try:
-            src = Path(huggingface_hub.snapshot_download(
-                model_id, ignore_patterns=None if trust_remote_code else ["*.py"]))
+            src = Path(
+                huggingface_hub.snapshot_download(model_id, ignore_patterns=None if trust_remote_code else ["*.py"])
+            )
         except (OSError, ValueError) as e:  # hub errors are OSErrors; a malformed id is a ValueError
-            raise ModelSetupError(f"model_id '{model_id}': not a local directory, and the hub gives no copy: "
-                                  f"{_one_line(e)}") from None
+            raise ModelSetupError(
+                f"model_id '{model_id}': not a local directory, and the hub gives no copy: {_one_line(e)}"
+            ) from None
     try:
         if not is_original_format(src):
             return str(src)
@@ -366,8 +368,10 @@ def resolve_model(model_id: str, cache_dir: str | Path, trust_remote_code: bool 
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         # a malformed original config (missing keys, wrong types), unreadable weights, an unwritable cache
         reason = f"{type(e).__name__}: {_one_line(e)}" if isinstance(e, (KeyError, TypeError)) else _one_line(e)
-        raise ModelSetupError(f"model_id '{model_id}': cannot convert the original-format InternVL checkpoint "
-                              f"{src} into {cache_dir}: {reason}") from None
+        raise ModelSetupError(
+            f"model_id '{model_id}': cannot convert the original-format InternVL checkpoint "
+            f"{src} into {cache_dir}: {reason}"
+        ) from None
 
 
 def _one_line(error: Exception) -> str:

@@ -42,8 +42,12 @@ class ImageTokens:
 
     @classmethod
     def from_processor(cls, processor: Any) -> ImageTokens:
-        return cls(processor.start_image_token_id, processor.image_token_id, processor.end_image_token_id,
-                   processor.image_seq_length)
+        return cls(
+            processor.start_image_token_id,
+            processor.image_token_id,
+            processor.end_image_token_id,
+            processor.image_seq_length,
+        )
 
     def block(self, n_tiles: int) -> list[int]:
         return [self.start] + [self.context] * (self.per_tile * n_tiles) + [self.end]
@@ -82,7 +86,7 @@ def decoded_sizes(images: list[tuple[Path, str]]) -> dict[Path, tuple[int, int]]
         return sizes
     with concurrent.futures.ThreadPoolExecutor(min(_DECODE_THREADS, len(paths))) as pool:
         for start in range(0, len(paths), _DECODE_CHUNK):
-            chunk = paths[start:start + _DECODE_CHUNK]
+            chunk = paths[start : start + _DECODE_CHUNK]
             try:
                 sizes.update(zip(chunk, pool.map(decoded_size, chunk)))  # map yields (and raises) in order
             except ImageLoadError as e:
@@ -97,7 +101,7 @@ def image_tile_budget(max_tiles: int, n_images: int) -> int:
     return max(1, max_tiles // n_images)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiler(image_size: int, max_tiles: int) -> ImageTransform:
     """The tiler of one tile budget, built once: the data set is built with it (tile counts) and read
     with it (pixels), so both agree."""
@@ -280,4 +284,3 @@ class MultimodalDataset(torch.utils.data.Dataset):
             if t.shape[0] != v.n_tiles:  # the file changed since the data set was built
                 raise DataError(f"{where}: {v.path} gives {t.shape[0]} tiles, expected {v.n_tiles}")
         return tensors
-

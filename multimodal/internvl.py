@@ -25,8 +25,13 @@ def internvl3_config(
     mean pooling: no final norm), pixel shuffle 0.5, gelu projector, Qwen2 with an untied head."""
     return InternVLConfig(
         vision_config=InternVLVisionConfig(
-            patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
-            layer_scale_init_value=0.1, use_mean_pooling=True, **vision,
+            patch_size=14,
+            attention_bias=True,
+            use_qk_norm=False,
+            norm_type="layer_norm",
+            layer_scale_init_value=0.1,
+            use_mean_pooling=True,
+            **vision,
         ),
         text_config=Qwen2Config(tie_word_embeddings=False, **text),
         image_token_id=image_token_id,
@@ -54,7 +59,9 @@ def internvl_processor(
         image_std=list(IMAGENET_STD),
     )
     return InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(**pixels, crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles),
+        image_processor=GotOcr2ImageProcessor(
+            **pixels, crop_to_patches=True, min_patches=min_tiles, max_patches=max_tiles
+        ),
         tokenizer=tokenizer,
         video_processor=InternVLVideoProcessor(**pixels),
         image_seq_length=image_seq_length,

@@ -276,12 +276,26 @@ def build_tiny_processor(tokenizer: PreTrainedTokenizerFast) -> InternVLProcesso
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
     """InternVL3-1B's architecture at toy width and depth."""
     return internvl3_config(
-        vision=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    image_size=TINY_IMAGE_SIZE),
-        text=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=None,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=TINY_IMAGE_SIZE,
+        ),
+        text=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
         image_token_id=tokenizer.context_image_token_id,
         image_seq_length=TINY_IMAGE_SEQ_LENGTH,
     )

@@ -119,7 +119,7 @@ def reasoning_steps(query: Query, fact: Mapping[str, str]) -> list[str]:
 
 
 def question_type(question: str) -> str:
-    """"color", "shape" or "yes/no": the answer vocabulary a question draws from."""
+    """ "color", "shape" or "yes/no": the answer vocabulary a question draws from."""
     query = parse_question(question)
     return "yes/no" if query.yes_no else query.asks
 

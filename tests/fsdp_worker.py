@@ -120,8 +120,12 @@ def fresh_optimizer(coconut: Coconut) -> dict[str, Any]:
     fresh.step()
     fresh.zero_grad(set_to_none=True)
     state = get_optimizer_state_dict(coconut, fresh, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"plain_after_eval": plain, "stale_refused": refused, "fresh_state_entries": len(state.get("state", {})),
-            "trainable": len(trainable)}  # (the full state is gathered on rank 0, which reports)
+    return {
+        "plain_after_eval": plain,
+        "stale_refused": refused,
+        "fresh_state_entries": len(state.get("state", {})),
+        "trainable": len(trainable),
+    }  # (the full state is gathered on rank 0, which reports)
 
 
 def main(checks: list[str]) -> None:

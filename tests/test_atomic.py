@@ -144,12 +144,22 @@ def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
 
 def test_leftovers_cleanup_removes_only_its_own_names_of_writers_gone(tmp_path):
     dead, alive = dead_pid(), os.getppid()  # pytest's parent runs as long as this test does
-    gone = [f".coconut-tmp-train_log.jsonl.{dead}", f".coconut-tmp-curves.png.{dead}",
-            f".coconut-tmp-checkpoint_3.{dead}",
-            f".coconut-tmp-step_4.{dead}-old"]  # a removal (atomic.remove_dir) killed after its rename: not undone
+    gone = [
+        f".coconut-tmp-train_log.jsonl.{dead}",
+        f".coconut-tmp-curves.png.{dead}",
+        f".coconut-tmp-checkpoint_3.{dead}",
+        f".coconut-tmp-step_4.{dead}-old",
+    ]  # a removal (atomic.remove_dir) killed after its rename: not undone
     running = [f".coconut-tmp-checkpoint_5.{alive}"]
-    theirs = [".coconut-tmp-notes", ".coconut-tmp-checkpoint_x", ".coconut-tmp-a.12b", "notes.123",
-              ".tmp-x.7", "checkpoint_3", "curves.png"]
+    theirs = [
+        ".coconut-tmp-notes",
+        ".coconut-tmp-checkpoint_x",
+        ".coconut-tmp-a.12b",
+        "notes.123",
+        ".tmp-x.7",
+        "checkpoint_3",
+        "curves.png",
+    ]
     for name in gone + running + theirs:
         if "checkpoint" in name or "step" in name:
             write_dir(tmp_path / name, {"f": name})

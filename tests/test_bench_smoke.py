@@ -11,8 +11,29 @@ import torch
 
 from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, failed, main
 
-SMALL = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--batch", "2",
-         "--tiles", "1", "--question", "8", "--latents", "2", "--answer", "8", "--new-tokens", "4"]
+SMALL = [
+    "--tiny",
+    "--device",
+    "cpu",
+    "--dtype",
+    "fp32",
+    "--iters",
+    "1",
+    "--warmup",
+    "0",
+    "--batch",
+    "2",
+    "--tiles",
+    "1",
+    "--question",
+    "8",
+    "--latents",
+    "2",
+    "--answer",
+    "8",
+    "--new-tokens",
+    "4",
+]
 TIMING = {"ms_median", "ms_min", "ms_max", "cpu_ms_median", "peak_mem_gib"}
 STEP = TIMING | {"loss", "saved_gib", "tflops", "mfu"}
 DECODE = TIMING | {"prefill_ms", "ms_per_token", "samples", "new_tokens", "samples_per_s", "tokens_per_s"}
@@ -55,8 +76,12 @@ def test_every_mode_writes_a_line(smoke):
         assert line["peak_mem_gib"] is None  # CPU: no per-mode peak
         numbers = [v for k, v in line.items() if k not in ("mode", "peak_mem_gib", "decoder")]
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), line
-    assert {"coconut_over_sft_ms", "coconut_over_sft_cpu_ms", "naive_over_sft_ms",
-            "naive_decode_over_decode_ms_per_token"} <= summary.keys()
+    assert {
+        "coconut_over_sft_ms",
+        "coconut_over_sft_cpu_ms",
+        "naive_over_sft_ms",
+        "naive_decode_over_decode_ms_per_token",
+    } <= summary.keys()
     assert summary["coconut_over_sft_saved"] > 1.0  # the latent passes keep their K/V for the backward
 
 
@@ -113,8 +138,19 @@ def test_a_failing_mode_is_reported_and_the_others_still_run(tiny_model_dir):
 
 def test_ragged_batch_is_left_padded_and_still_exact(tiny_model_dir):
     """--ragged shortens questions across the batch: padded like real data, coconut still equals naive."""
-    lines = main([*SMALL, "--batch", "3", "--ragged", "3", "--modes", "coconut,naive,decode,naive_decode",
-                  "--naive-decode-samples", "3"])
+    lines = main(
+        [
+            *SMALL,
+            "--batch",
+            "3",
+            "--ragged",
+            "3",
+            "--modes",
+            "coconut,naive,decode,naive_decode",
+            "--naive-decode-samples",
+            "3",
+        ]
+    )
     header, by_mode = lines[0], {line["mode"]: line for line in lines}
     assert header["layout"]["ragged"] == 3
     assert all("error" not in line for line in lines), lines
@@ -140,8 +176,9 @@ def test_shapes_cycle_latent_columns_and_column_multiple_aligns_them(tiny_model_
         assert all("error" not in line for line in lines), lines
         assert by_mode["coconut"]["loss"] == pytest.approx(by_mode["naive"]["loss"], rel=1e-4)
     # padding only moves the latents right: the same samples give the same loss (last run: batch 0)
-    assert {l["mode"]: l for l in aligned}["coconut"]["loss"] == pytest.approx(
-        {l["mode"]: l for l in mixed}["coconut"]["loss"], rel=1e-4)
+    assert {line["mode"]: line for line in aligned}["coconut"]["loss"] == pytest.approx(
+        {line["mode"]: line for line in mixed}["coconut"]["loss"], rel=1e-4
+    )
 
 
 def graph_tensors() -> int:

@@ -43,15 +43,31 @@ def test_pruning_keeps_the_newest_epoch_checkpoints_the_best_one_and_no_older_st
     assert _names(tmp_path) == ["checkpoint_2", "checkpoint_4", "checkpoint_5", "metrics.jsonl", "step_31"]
 
 
-def test_a_run_saves_its_resolved_config_a_record_in_each_checkpoint_and_keeps_save_total_limit(tmp_path,
-                                                                                               tiny_model_dir):
+def test_a_run_saves_its_resolved_config_a_record_in_each_checkpoint_and_keeps_save_total_limit(
+    tmp_path, tiny_model_dir
+):
     torch.set_num_threads(1)
-    path = demo_config(tmp_path, tiny_model_dir, name="kept", num_epochs=3, epochs_per_stage=1,
-                       max_latent_stage=2, save_total_limit=2, num_workers=0)
+    path = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        name="kept",
+        num_epochs=3,
+        epochs_per_stage=1,
+        max_latent_stage=2,
+        save_total_limit=2,
+        num_workers=0,
+    )
     assert run.main([str(path)]) == 0
     save_dir = tmp_path / "checkpoints" / "kept"
-    assert _names(save_dir) == ["checkpoint_2", "checkpoint_3", "config.yaml", "curves.png", "metrics.jsonl",
-                                "predictions", "train_log.jsonl"]
+    assert _names(save_dir) == [
+        "checkpoint_2",
+        "checkpoint_3",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "predictions",
+        "train_log.jsonl",
+    ]
     config = load_config(path)
     assert config_from_dict(yaml.safe_load((save_dir / "config.yaml").read_text())) == config
     for epoch in (2, 3):

@@ -59,15 +59,24 @@ def test_bad_config_is_refused_before_torch_is_imported(tmp_path, where):
     keys = {"num_epoch": 3} if where == "file" else {}
     config = config_file(tmp_path, **keys)
     overrides = ["lr=.nan"] if where == "override" else []
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "run.py"), str(config), *overrides],
-                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO / "run.py"), str(config), *overrides],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     expected = "unknown key 'num_epoch'" if where == "file" else "override 'lr=.nan': key 'lr'"
     assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
     # "import time: self | cumulative | [indent]module" for every module imported, nested ones indented
-    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
-                if line.startswith("import time:") and line.count("|") == 2}
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
     assert "yaml" in imported and "utils" in imported  # the listing is there: the check below can see imports
     loaded = sorted(m for m in imported if m.split(".")[0] in HEAVY)
     assert not loaded, loaded
@@ -78,8 +87,18 @@ def test_bad_config_is_refused_before_torch_is_imported(tmp_path, where):
 
 def test_overrides_are_read_as_yaml_and_win_over_the_file(tmp_path):
     config = config_file(tmp_path, lr=0.5, max_length=100)
-    loaded = load_config(config, ["lr=1e-4", "num_epochs=3", "name=exp/b", "bf16=true", "max_length=null",
-                                  "prompt_format=internvl2_5", "max_grad_norm=1"])
+    loaded = load_config(
+        config,
+        [
+            "lr=1e-4",
+            "num_epochs=3",
+            "name=exp/b",
+            "bf16=true",
+            "max_length=null",
+            "prompt_format=internvl2_5",
+            "max_grad_norm=1",
+        ],
+    )
     assert loaded.lr == 1e-4 and loaded.num_epochs == 3 and loaded.name == "exp/b" and loaded.bf16 is True
     assert loaded.max_length is None and loaded.prompt_format == "internvl2_5"
     assert loaded.max_grad_norm == 1.0 and isinstance(loaded.max_grad_norm, float)
@@ -208,12 +227,19 @@ def test_a_model_id_that_is_a_file_is_refused(tmp_path, capsys):
 def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
     config = config_file(tmp_path, "nobody/no-such-model-xyz")
     env = {**subprocess_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    result = subprocess.run([sys.executable, str(REPO / "run.py"), str(config), f"model_cache_dir={tmp_path}/c"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), str(config), f"model_cache_dir={tmp_path}/c"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.rstrip().splitlines()[-1]
-    assert last.startswith("error: model_id 'nobody/no-such-model-xyz': not a local directory, and the hub gives "
-                           "no copy"), last
+    assert last.startswith(
+        "error: model_id 'nobody/no-such-model-xyz': not a local directory, and the hub gives no copy"
+    ), last
     assert "HF_HUB_OFFLINE" in last  # huggingface_hub's reason, kept on the same line
 
 
@@ -229,13 +255,24 @@ def test_converter_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     original.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, original / name)
-    (original / "config.json").write_text(json.dumps(
-        {"model_type": "internvl_chat", "ps_version": "v1", "llm_config": {"model_type": "qwen2"},
-         "vision_config": {"image_size": 56, "patch_size": 14}}))
+    (original / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "internvl_chat",
+                "ps_version": "v1",
+                "llm_config": {"model_type": "qwen2"},
+                "vision_config": {"image_size": 56, "patch_size": 14},
+            }
+        )
+    )
     cache = tmp_path / "cache"
     config = config_file(tmp_path, original, model_cache_dir=str(cache), num_epochs=1)
-    cli_error(capsys, [config], f"model_id '{original}': cannot convert the original-format InternVL checkpoint",
-              "ps_version 'v1' is not supported")
+    cli_error(
+        capsys,
+        [config],
+        f"model_id '{original}': cannot convert the original-format InternVL checkpoint",
+        "ps_version 'v1' is not supported",
+    )
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-converted left behind
 
 
@@ -250,15 +287,27 @@ def test_remote_code_never_runs_or_prompts_unless_trusted(tmp_path, tiny_model_d
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model = tmp_path / "text_model"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                 eos_token_id=1026, pad_token_id=1024)).save_pretrained(model)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=1031,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=1026,
+            pad_token_id=1024,
+        )
+    ).save_pretrained(model)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, model / name)
     sentinel = tmp_path / "remote_code_ran"
     (model / "evil.py").write_text(EVIL_CODE.format(sentinel=str(sentinel)))
-    for name, auto_map in (("config.json", {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}),
-                           ("tokenizer_config.json", {"AutoTokenizer": [None, "evil.EvilTokenizer"]})):
+    for name, auto_map in (
+        ("config.json", {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}),
+        ("tokenizer_config.json", {"AutoTokenizer": [None, "evil.EvilTokenizer"]}),
+    ):
         data = json.loads((model / name).read_text())
         data["auto_map"] = auto_map
         if name == "config.json":
@@ -268,8 +317,10 @@ def test_remote_code_never_runs_or_prompts_unless_trusted(tmp_path, tiny_model_d
     prompts = []
     monkeypatch.setattr(builtins, "input", lambda prompt="": prompts.append(prompt) or "y")
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))  # if it did run: not in ~
-    records = [{k: v for k, v in r.items() if k != "image"}
-               for r in json.loads((REPO / "data" / "demo" / "val.json").read_text())]
+    records = [
+        {k: v for k, v in r.items() if k != "image"}
+        for r in json.loads((REPO / "data" / "demo" / "val.json").read_text())
+    ]
     data = tmp_path / "text.json"
     data.write_text(json.dumps(records))
     config = config_file(tmp_path, model, multimodal=False, train_path=str(data), val_path=str(data), num_epochs=1)
@@ -300,6 +351,7 @@ def _requirements(path: Path) -> dict[str, str]:
 
 def _project_files() -> list[Path]:
     """Every .py file of the project; data/ (built models, downloads) and hidden or cache folders left out."""
+
     def kept(path: Path) -> bool:
         return not any(p.startswith(".") or p in ("data", "__pycache__") for p in path.relative_to(REPO).parts)
 
@@ -359,15 +411,17 @@ def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
     assert {"decord", "datasets", "wandb"} <= optional
     assert not {"torch", "transformers", "numpy", "huggingface-hub"} & optional
     modules = [p.stem for p in REPO.glob("*.py")] + [f"multimodal.{p.stem}" for p in (REPO / "multimodal").glob("*.py")]
-    script = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-              "print(json.dumps(sorted(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=300)
+    script = (
+        f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert "trainer" in loaded and "torch" in loaded  # the core did load
-    packages = {_package_of(m.split(".")[0]) for m in loaded
-                if "." not in m and m in _distributions()}
+    packages = {_package_of(m.split(".")[0]) for m in loaded if "." not in m and m in _distributions()}
     assert not packages & optional, sorted(packages & optional)
 
 
@@ -376,9 +430,21 @@ def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
 
 def _torchrun(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "run.py"), *map(str, args)],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "run.py"),
+            *map(str, args),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -396,8 +462,9 @@ def test_overrides_apply_on_every_rank_under_torchrun(tmp_path, tiny_model_dir):
     """The file alone is refused under torchrun (CUDA-graph compile) and would run 5 epochs; the overrides
     make it valid, one epoch, into another directory, on both ranks alike (a rank without them would fail
     or train on, and the collectives would not match)."""
-    config = demo_config(tmp_path, tiny_model_dir, compile_latent_passes="reduce-overhead", num_epochs=5,
-                         batch_size_training=2)
+    config = demo_config(
+        tmp_path, tiny_model_dir, compile_latent_passes="reduce-overhead", num_epochs=5, batch_size_training=2
+    )
     result = _torchrun(config, "compile_latent_passes=null", "num_epochs=1", "name=over")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "checkpoints"

@@ -20,7 +20,12 @@ def test_forward_equals_reference(setup, checkpointing):
     model, coconut, ids, tok, image_tokens = setup
     batch = MultimodalCollator(tok.pad_token_id, ids.latent)(mixed(tok, ids, image_tokens)).to(model.device)
     ref_loss, _ = reference_forward(
-        model, ids.latent, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels,
+        model,
+        ids.latent,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.position_ids,
+        batch.labels,
         batch.pixel_values,
     )
     ref_loss.backward()

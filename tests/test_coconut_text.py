@@ -112,8 +112,12 @@ def test_zero_latent_batch_is_plain_forward():
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     batch = MyCollator(PAD, LATENT)([sample([1, 2, 3], 0, [4, 5, EOS], False), sample([7, 8], 0, [9, EOS], False)])
     out = coconut(batch)
-    plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                  labels=batch.labels)
+    plain = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    )
     torch.testing.assert_close(out.loss, plain.loss, rtol=1e-5, atol=1e-6)
     assert coconut.gen_forward_cnt == 1 and out.thought_norm is None
 
@@ -153,8 +157,9 @@ def test_filled_embeds_only_on_request_and_equal_naive_filling():
         embeds = model.get_input_embeddings()(batch.input_ids)
         latents = [(row == LATENT).nonzero().flatten().tolist() for row in batch.input_ids]
         for i in range(max(map(len, latents))):
-            hidden = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                           output_hidden_states=True).hidden_states[-1]
+            hidden = model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=True
+            ).hidden_states[-1]
             for b, pos in enumerate(latents):
                 if len(pos) > i:
                     embeds[b, pos[i]] = hidden[b, pos[i] - 1]
@@ -171,7 +176,9 @@ def test_global_normalisation_divides_by_given_count():
 
 
 def test_batched_generation_equals_one_by_one():
-    assert_batched_equals_one_by_one(Coconut(tiny_lm(seed=3), LATENT, START, END, EOS, pad_token_id=PAD), max_new_tokens=12)
+    assert_batched_equals_one_by_one(
+        Coconut(tiny_lm(seed=3), LATENT, START, END, EOS, pad_token_id=PAD), max_new_tokens=12
+    )
 
 
 def test_generation_equals_naive_greedy_without_cache():

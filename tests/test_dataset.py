@@ -162,8 +162,13 @@ def test_collator_aligns_first_latent_column(tok, data_file):
 
 def _feature(input_ids: list[int], idx: int = 0) -> dict:
     n = len(input_ids)
-    return {"input_ids": input_ids, "labels": input_ids, "attention_mask": [1] * n, "position_ids": list(range(n)),
-            "idx": idx}
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids,
+        "attention_mask": [1] * n,
+        "position_ids": list(range(n)),
+        "idx": idx,
+    }
 
 
 def test_collator_hands_over_the_latent_layout_and_refuses_split_latents():

@@ -44,8 +44,12 @@ RECORDS = [
     {"question": "What shape?", "steps": ["It is a circle."], "answer": "circle", "image": "train/square.png"},
     {"question": "What colour?", "steps": ["It is red."], "answer": "red", "image": "train/wide.png"},
     {"question": "No image?", "steps": ["None."], "answer": "yes"},
-    {"question": "Two images?", "steps": ["Both red."], "answer": "yes",
-     "image": ["train/square.png", "train/tall.png"]},
+    {
+        "question": "Two images?",
+        "steps": ["Both red."],
+        "answer": "yes",
+        "image": ["train/square.png", "train/tall.png"],
+    },
 ]
 IMAGES = {"square.png": (40, 40), "wide.png": (300, 100), "tall.png": (50, 250)}
 
@@ -86,8 +90,10 @@ def test_prompt_formats(tmp_path, processor):
     chat, _ = get_mm_dataset(path, tok, tokens, cfg(image_dir, prompt_format="internvl2_5"))
     text = tok.decode(chat[0]["question_tokenized"])
     # InternVL's template `internvl2_5` (its conversation.py), system turn included, spelled out here
-    system = ("<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
-              "多模态大语言模型。<|im_end|>\n")
+    system = (
+        "<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+        "多模态大语言模型。<|im_end|>\n"
+    )
     assert text.startswith(system + "<|im_start|>user\n<img>")
     assert text.endswith("</img>\nWhat shape?<|im_end|>\n<|im_start|>assistant\n")
 
@@ -143,8 +149,9 @@ def test_several_images_split_the_tile_budget(tmp_path, processor):
     expected = [[7], [7], [4, 4], [3, 3, 3], [1] * 7]
     assert [[v.n_tiles for v in media[i]] for i in range(5)] == expected
     dataset = MultimodalDataset(samples, media, config, str(path))
-    for i, (names, budget) in enumerate([(["w.png"], 6), (["w.png"], 6), (["w.png", "v.png"], 3),
-                                         (["w.png"] * 3, 2), (["w.png"] * 7, 1)]):
+    for i, (names, budget) in enumerate(
+        [(["w.png"], 6), (["w.png"], 6), (["w.png", "v.png"], 3), (["w.png"] * 3, 2), (["w.png"] * 7, 1)]
+    ):
         assert samples[i]["question_tokenized"].count(tokens.context) == sum(expected[i]) * tokens.per_tile
         expected_pixels = model_card_pixels(image_dir, names, budget)
         torch.testing.assert_close(dataset[i]["pixel_values"], expected_pixels, rtol=0, atol=1e-6)

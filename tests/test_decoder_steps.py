@@ -184,8 +184,9 @@ def test_unpadded_batch_runs_without_a_mask_and_equals_reference():
     batch = MyCollator(PAD, LATENT)([sample([5, 6, 7], 3, [10, 11, EOS]), sample([8, 9, 4], 3, [12, 13, EOS])])
     assert bool(batch.attention_mask.all())
     model = dynamic_rope_lm(seed=12)
-    ref_loss, _ = reference_forward(model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                    batch.labels)
+    ref_loss, _ = reference_forward(
+        model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels
+    )
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
     embeds = model.get_input_embeddings()(batch.input_ids)
     stepper = coconut.adapter.latent_stepper(embeds, batch.attention_mask, batch.position_ids, DynamicCache())
@@ -273,7 +274,7 @@ def test_latent_passes_keep_no_copy_of_the_cache():
     saved = []
     for n in (2, 6):
         batch = MyCollator(PAD, LATENT)([sample(question, n, [10, 11, EOS]), sample(question[3:], n, [12, EOS])])
-        saved.append(saved_bytes(lambda: coconut(batch).loss))
+        saved.append(saved_bytes(lambda batch=batch: coconut(batch).loss))
     # one layer's K and V over the 253-token prefix: 2 tensors x 2 samples x 2 K/V heads x 253 x 8 x 4 bytes
     one_copy = 2 * 2 * 2 * 253 * 8 * 4
     assert 0 < saved[1] - saved[0] < 4 * one_copy  # 4 more passes over 2 layers: 8 copies and more before

@@ -26,11 +26,11 @@ def test_text_only_accuracy_is_each_question_texts_most_frequent_train_answer():
     train += [{"question": "what shape is this?", "answer": a} for a in ("circle", "triangle", "triangle")]
     train += [{"question": "is there a red shape?", "answer": "no"}]
     val = [
-        {"question": "what color is the shape?", "answer": "red"},     # right: red is its text's majority
-        {"question": "what color is the shape?", "answer": "blue"},    # wrong
-        {"question": "what shape is this?", "answer": "triangle"},     # right
-        {"question": "what color is the circle?", "answer": "red"},    # unseen text: its type's (colour) majority
-        {"question": "is there a blue shape?", "answer": "yes"},       # unseen text: yes/no majority is "no"
+        {"question": "what color is the shape?", "answer": "red"},  # right: red is its text's majority
+        {"question": "what color is the shape?", "answer": "blue"},  # wrong
+        {"question": "what shape is this?", "answer": "triangle"},  # right
+        {"question": "what color is the circle?", "answer": "red"},  # unseen text: its type's (colour) majority
+        {"question": "is there a blue shape?", "answer": "yes"},  # unseen text: yes/no majority is "no"
     ]
     assert text_only_accuracy(train, val) == 3 / 5
 
@@ -38,7 +38,10 @@ def test_text_only_accuracy_is_each_question_texts_most_frequent_train_answer():
 def test_demo_set_is_built_deterministically_and_holds_the_committed_sample(tmp_path):
     config = yaml.safe_load((REPO / "args" / "demo.yaml").read_text())
     assert (config["train_path"], config["val_path"], config["image_dir"]) == (
-        f"{DEMO_DIR}/train.json", f"{DEMO_DIR}/val.json", f"{DEMO_DIR}/images")
+        f"{DEMO_DIR}/train.json",
+        f"{DEMO_DIR}/val.json",
+        f"{DEMO_DIR}/images",
+    )
     first, second = tmp_path / "a", tmp_path / "b"
     assert build_into(first, DEMO_LIMITS) == build_into(second, DEMO_LIMITS) == {"train": 2000, "val": 150}
     for split in ("train", "val"):
@@ -49,8 +52,10 @@ def test_demo_set_is_built_deterministically_and_holds_the_committed_sample(tmp_
         # the committed sample is a part of it (its images the same files), so the rest is what a build adds
         sample = json.loads((REPO / SAMPLE_DIR / f"{split}.json").read_text())
         assert all(r in built for r in sample), split
-        assert all((REPO / SAMPLE_DIR / "images" / r["image"]).read_bytes()
-                   == (first / "images" / r["image"]).read_bytes() for r in sample)
+        assert all(
+            (REPO / SAMPLE_DIR / "images" / r["image"]).read_bytes() == (first / "images" / r["image"]).read_bytes()
+            for r in sample
+        )
     train = json.loads((first / "train.json").read_text())
     val = json.loads((first / "val.json").read_text())
     assert not {r["image"].split("/", 1)[1] for r in train} & {r["image"].split("/", 1)[1] for r in val}
@@ -62,7 +67,8 @@ def test_a_bad_override_is_refused_before_anything_is_built(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         f"error: {os.path.relpath(REPO / 'args' / 'demo.yaml', tmp_path)}: override 'lr=fast': "
-        "key 'lr': expected a number, got 'fast'"]
+        "key 'lr': expected a number, got 'fast'"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -74,8 +80,10 @@ def test_demo_command_in_a_fresh_directory_then_rerun(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = parse_demo(result.stdout)
     config = os.path.relpath(REPO / "args" / "demo.yaml", tmp_path)  # demo.py names it as the user would
-    assert out["commands"][:2] == ["python -m preprocessing.make_demo",
-                                   shlex.join(["python", "run.py", config, *short])]
+    assert out["commands"][:2] == [
+        "python -m preprocessing.make_demo",
+        shlex.join(["python", "run.py", config, *short]),
+    ]
     assert out["built"] == [f"built {DEMO_DIR}: 2000 train, 150 val records"]
     assert (tmp_path / "data" / "tiny_internvl" / "config.json").is_file()  # model_id tiny:DIR, built on first use
     assert out["baseline_line"].startswith(f"text-only baseline: {BASELINE} ")

@@ -44,9 +44,24 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
 def worker() -> dict:
     """tests/fsdp_worker.py's checks in one 2-rank torchrun; their JSON results by check."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.fsdp_worker", "collectives", "fresh_optimizer", "compiled"],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tests.fsdp_worker",
+            "collectives",
+            "fresh_optimizer",
+            "compiled",
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -87,4 +102,7 @@ def test_cuda_graph_compile_is_refused_under_torchrun(tmp_path, tiny_model_dir):
     config = demo_config(tmp_path, tiny_model_dir, name="graphs", num_epochs=1, compile_latent_passes="reduce-overhead")
     result = torchrun(config, nproc=2)
     assert result.returncode != 0
-    assert "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only" in result.stdout + result.stderr
+    assert (
+        "key 'compile_latent_passes': reduce-overhead (CUDA graphs) runs in one process only"
+        in result.stdout + result.stderr
+    )

@@ -58,8 +58,11 @@ def user(question: str, images: int = 0, video: bool = False) -> list[dict]:
 def images(tmp_path: Path) -> list[Path]:
     """A wide image (many tiles: the tile limit decides its count) and two small squares (one tile each)."""
     paths = []
-    for name, size, colour in (("wide.png", (560, 56), (200, 30, 30)), ("a.png", (40, 40), (0, 90, 200)),
-                               ("b.png", (48, 48), (20, 160, 20))):
+    for name, size, colour in (
+        ("wide.png", (560, 56), (200, 30, 30)),
+        ("a.png", (40, 40), (0, 90, 200)),
+        ("b.png", (48, 48), (20, 160, 20)),
+    ):
         image = Image.new("RGB", size, colour)
         image.putpixel((3, 3), (255, 255, 255))
         image.save(tmp_path / name)
@@ -115,9 +118,14 @@ def test_template_and_processor_give_the_training_prompt_and_tiles(trained, tmp_
         assert got == expected, (paths, text)
     # the prompt itself, written out: the training prompt's text with the image token
     text = processor.apply_chat_template(user("Q?", images=1), add_generation_prompt=True)
-    assert text == {"plain": "<IMG_CONTEXT>\nQ?\n",
-                    "internvl2_5": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nQ?"
-                                   "<|im_end|>\n<|im_start|>assistant\n"}[prompt_format]
+    assert (
+        text
+        == {
+            "plain": "<IMG_CONTEXT>\nQ?\n",
+            "internvl2_5": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<IMG_CONTEXT>\nQ?"
+            "<|im_end|>\n<|im_start|>assistant\n",
+        }[prompt_format]
+    )
     two = processor.apply_chat_template(user("Q?", images=2))
     assert "Image-1: <IMG_CONTEXT>\nImage-2: <IMG_CONTEXT>\nQ?" in two
     video = processor.apply_chat_template(user("Q?", video=True))
@@ -171,8 +179,14 @@ def test_infer_on_the_export_equals_infer_on_the_checkpoint(trained, tmp_path, c
 def test_a_kill_at_any_write_of_the_export_leaves_no_export(trained, tmp_path):
     """os._exit(9) just before each file write of the export in turn (tests/kill_writes.py)."""
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "tests.kill_writes", "export", str(trained), str(out)],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.kill_writes", "export", str(trained), str(out)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads(line) for line in result.stdout.splitlines()]
     *killed, finished = runs

@@ -69,12 +69,22 @@ def test_predictions_file_has_one_line_per_val_record(stage2):
 def test_infer_equals_the_predictions_file_on_every_val_record(stage2, capsys):
     _, checkpoint, predictions = stage2
     for record, expected in zip(json.loads(VAL.read_text()), predictions):
-        argv = ["--infer", str(checkpoint), "--image", str(IMAGES / record["image"]), "--question", record["question"],
-                "--json"]
+        argv = [
+            "--infer",
+            str(checkpoint),
+            "--image",
+            str(IMAGES / record["image"]),
+            "--question",
+            record["question"],
+            "--json",
+        ]
         assert run.main(argv) == 0
         reply = json.loads(capsys.readouterr().out)
-        assert (reply["answer"], reply["output"], reply["latents"]) == \
-            (expected["answer"], expected["output"], expected["latents"]), record
+        assert (reply["answer"], reply["output"], reply["latents"]) == (
+            expected["answer"],
+            expected["output"],
+            expected["latents"],
+        ), record
         assert_same_thoughts(reply["thoughts"], expected["thoughts"])
 
 
@@ -125,8 +135,16 @@ def test_infer_errors_are_one_line(stage2, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_rank_evaluation_merges_the_predictions_once_in_record_order(stage2, tmp_path):
     config, checkpoint, predictions = stage2
-    eval_config = demo_config(tmp_path, Path(load_config(config).model_id), name="eval", only_eval=True, resume=5,
-                              epochs_per_stage=2, max_latent_stage=2, load_model_path=str(checkpoint))
+    eval_config = demo_config(
+        tmp_path,
+        Path(load_config(config).model_id),
+        name="eval",
+        only_eval=True,
+        resume=5,
+        epochs_per_stage=2,
+        max_latent_stage=2,
+        load_model_path=str(checkpoint),
+    )
     result = torchrun(eval_config, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     merged = read_jsonl(tmp_path / "checkpoints" / "eval" / "predictions" / "epoch_6.jsonl")
@@ -153,10 +171,12 @@ def naive_thoughts(model, latent_id: int, feature: dict) -> torch.Tensor:
 @torch.no_grad()
 def test_generate_hands_back_the_thoughts_it_fed_back(setup):
     model, coconut, ids, tok, image_tokens = setup
-    feats = [prompt(tok, ids, image_tokens, 1, 3, "what shape"),
-             prompt(tok, ids, image_tokens, 5, 1, "what colour is the shape in the image"),
-             prompt(tok, ids, image_tokens, 0, 2, "no image here"),
-             prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False)]
+    feats = [
+        prompt(tok, ids, image_tokens, 1, 3, "what shape"),
+        prompt(tok, ids, image_tokens, 5, 1, "what colour is the shape in the image"),
+        prompt(tok, ids, image_tokens, 0, 2, "no image here"),
+        prompt(tok, ids, image_tokens, 3, 0, "is it blue", markers=False),
+    ]
     batch = MultimodalCollator(tok.pad_token_id, ids.latent)(feats).to(model.device)
     tokens, thoughts = coconut.generate(batch, max_new_tokens=4, thought_top_k=3)
     assert torch.equal(tokens, coconut.generate(batch, max_new_tokens=4))

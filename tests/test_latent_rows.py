@@ -37,8 +37,10 @@ def _model(model_dir: Path) -> torch.nn.Module:
 
 
 def _matrices(model) -> dict[str, torch.Tensor]:
-    return {"embeddings": model.get_input_embeddings().weight.detach(),
-            "head": model.get_output_embeddings().weight.detach()}
+    return {
+        "embeddings": model.get_input_embeddings().weight.detach(),
+        "head": model.get_output_embeddings().weight.detach(),
+    }
 
 
 def _ids(model_dir: Path) -> tuple[list[int], int]:
@@ -48,8 +50,9 @@ def _ids(model_dir: Path) -> tuple[list[int], int]:
     return [getattr(ids, r) for r in ROWS], tokenizer.encode("<<", add_special_tokens=False)[0]
 
 
-@pytest.mark.parametrize("method, trained", [("coconut", True), ("pause", True), ("cot", False), ("no_cot", False),
-                                             ("no_thoughts", False)])
+@pytest.mark.parametrize(
+    "method, trained", [("coconut", True), ("pause", True), ("cot", False), ("no_cot", False), ("no_thoughts", False)]
+)
 def test_rows_count_as_trained_only_after_a_coconut_or_pause_run(tmp_path, method, trained):
     """run.py 145-157: only those two methods give the tokens rows, so only their checkpoints have trained ones."""
     keys = {"coconut": False, **({} if method == "pause" else {method: True})}
@@ -72,8 +75,16 @@ def test_cot_keeps_the_vocabulary_and_coconut_copies_the_cot_trained_rows(tmp_pa
     assert len(AutoTokenizer.from_pretrained(cot_dir)) == vocab + 3
     assert {k: m.shape[0] for k, m in _matrices(cot_model).items()} == {"embeddings": vocab, "head": vocab}
 
-    coconut = demo_config(tmp_path, tiny_model_dir, name="coconut", load_model_path=str(cot_dir.parent), resume=1,
-                          num_epochs=2, epochs_per_stage=1, lr=0.0)
+    coconut = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        name="coconut",
+        load_model_path=str(cot_dir.parent),
+        resume=1,
+        num_epochs=2,
+        epochs_per_stage=1,
+        lr=0.0,
+    )
     assert run.main([str(coconut)]) == 0
     model_dir = tmp_path / "checkpoints" / "coconut" / "checkpoint_2" / "model"
     rows, source = _ids(model_dir)
@@ -133,7 +144,7 @@ def test_a_padded_vocabulary_gets_its_rows_from_the_source_and_is_not_shrunk(tmp
         for row in rows:
             assert not torch.equal(padded[name][row], padded[name][source])  # the row existed, untrained
             assert torch.equal(matrix[row], padded[name][source]), (name, row)
-        assert torch.equal(matrix[vocab + 3:], padded[name][vocab + 3:])
+        assert torch.equal(matrix[vocab + 3 :], padded[name][vocab + 3 :])
 
 
 def test_a_bare_state_dict_file_counts_as_trained_by_the_originals_own_test(tiny_model_dir):

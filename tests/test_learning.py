@@ -89,8 +89,14 @@ def blank_run(data, tmp_path_factory, tiny_model_dir) -> list[dict]:
     """args/demo.yaml on the blank copy, in this process on one thread as the demo runs."""
     tmp, threads = tmp_path_factory.mktemp("blank_run"), torch.get_num_threads()
     blank = data["blank"]
-    config = demo_config(tmp, tiny_model_dir, name="blank", image_dir=str(blank / "images"),
-                         train_path=str(blank / "train.json"), val_path=str(blank / "val.json"))
+    config = demo_config(
+        tmp,
+        tiny_model_dir,
+        name="blank",
+        image_dir=str(blank / "images"),
+        train_path=str(blank / "train.json"),
+        val_path=str(blank / "val.json"),
+    )
     torch.set_num_threads(1)
     try:
         assert run.main([str(config)]) == 0

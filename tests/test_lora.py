@@ -108,8 +108,9 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
     got = grads(model)
     model.zero_grad()
 
-    ref_loss, _ = reference_forward(model, ids.latent, batch.input_ids, batch.attention_mask,
-                                    batch.position_ids, batch.labels, batch.pixel_values)
+    ref_loss, _ = reference_forward(
+        model, ids.latent, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels, batch.pixel_values
+    )
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     ref = grads(model)
@@ -169,8 +170,9 @@ def test_a_text_only_lm_gets_the_same_adapters_and_rows(tied):
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
-    ref_loss, _ = reference_forward(model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids,
-                                    batch.labels)
+    ref_loss, _ = reference_forward(
+        model, LATENT, batch.input_ids, batch.attention_mask, batch.position_ids, batch.labels
+    )
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
     ref = grads(model)
@@ -180,7 +182,8 @@ def test_a_text_only_lm_gets_the_same_adapters_and_rows(tied):
         # up to ~2e-6 of a tensor's largest gradient on its smallest elements; a wrong term is ~1 of it
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()), msg=name)
     assert {n for n in got if not n.startswith("model.layers.")} == (
-        {"model.embed_tokens.rows"} if tied else {"model.embed_tokens.rows", "lm_head.rows"})
+        {"model.embed_tokens.rows"} if tied else {"model.embed_tokens.rows", "lm_head.rows"}
+    )
 
 
 def _trainable(model) -> set[str]:
@@ -195,12 +198,24 @@ def test_trainable_parts_follow_internvl_and_the_freeze_flags(tiny_model_dir):
     apply_lora(model, config, ids)
     trainable = _trainable(model)
     assert {"model.language_model.embed_tokens.rows", "lm_head.rows"} <= trainable
-    assert not any(n.startswith(("model.language_model.", "lm_head.")) and "lora_" not in n and not n.endswith(".rows")
-                   for n in trainable)
+    assert not any(
+        n.startswith(("model.language_model.", "lm_head.")) and "lora_" not in n and not n.endswith(".rows")
+        for n in trainable
+    )
     assert {n for n in trainable if "lora_" in n} == {
         f"model.language_model.layers.{i}.{m}.lora_{ab}.default.weight"
-        for i in (0, 1) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                  "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj") for ab in "AB"}
+        for i in (0, 1)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.down_proj",
+            "mlp.up_proj",
+        )
+        for ab in "AB"
+    }
     assert "model.multi_modal_projector.linear_1.weight" in trainable
     assert "model.vision_tower.encoder.layer.0.attention.q_proj.weight" in trainable
     layer = model.model.language_model.layers[0].self_attn.q_proj
@@ -208,14 +223,24 @@ def test_trainable_parts_follow_internvl_and_the_freeze_flags(tiny_model_dir):
 
     model, _, ids, config = _model(tiny_model_dir, use_backbone_lora=2, backbone_lora_alpha=8, freeze_mlp=True)
     from model_setup import freeze
+
     freeze(model, config)
     apply_lora(model, config, ids)
     trainable = _trainable(model)
     assert not any("multi_modal_projector" in n for n in trainable)
     assert {n for n in trainable if n.startswith("model.vision_tower.")} == {
         f"model.vision_tower.encoder.layer.{i}.{m}.lora_{ab}.default.weight"
-        for i in (0, 1) for m in ("attention.q_proj", "attention.k_proj", "attention.v_proj",
-                                  "attention.projection_layer", "mlp.fc1", "mlp.fc2") for ab in "AB"}
+        for i in (0, 1)
+        for m in (
+            "attention.q_proj",
+            "attention.k_proj",
+            "attention.v_proj",
+            "attention.projection_layer",
+            "mlp.fc1",
+            "mlp.fc2",
+        )
+        for ab in "AB"
+    }
     assert "model.language_model.embed_tokens.weight" in trainable  # no LLM adapters: the LLM trains whole
     layer = model.model.vision_tower.encoder.layer[0].mlp.fc1
     assert (layer.r["default"], layer.scaling["default"]) == (2, 4.0)
@@ -223,8 +248,11 @@ def test_trainable_parts_follow_internvl_and_the_freeze_flags(tiny_model_dir):
 
 def test_a_target_module_that_matches_nothing_is_named(tiny_model_dir):
     model, _, ids, config = _model(tiny_model_dir, use_llm_lora=4, llm_lora_target_modules=["self_attn.qkv_proj"])
-    with pytest.raises(ModelSetupError, match=r"key 'llm_lora_target_modules': 'self_attn.qkv_proj' names no "
-                                              r"linear layer of the language model"):
+    with pytest.raises(
+        ModelSetupError,
+        match=r"key 'llm_lora_target_modules': 'self_attn.qkv_proj' names no "
+        r"linear layer of the language model",
+    ):
         apply_lora(model, config, ids)
 
 
@@ -241,8 +269,10 @@ def test_only_the_three_rows_of_embeddings_and_head_move_in_training(tiny_model_
     for name in ("model.language_model.embed_tokens", "lm_head"):
         assert torch.equal(after[f"{name}.weight"], before[f"{name}.weight"])
         assert not torch.equal(after[f"{name}.rows"], before[f"{name}.rows"])
-    assert torch.equal(after["model.language_model.layers.0.mlp.up_proj.base_layer.weight"],
-                       before["model.language_model.layers.0.mlp.up_proj.base_layer.weight"])
+    assert torch.equal(
+        after["model.language_model.layers.0.mlp.up_proj.base_layer.weight"],
+        before["model.language_model.layers.0.mlp.up_proj.base_layer.weight"],
+    )
 
 
 def test_lora_keys_are_checked_like_every_key():
@@ -259,8 +289,15 @@ def test_lora_keys_are_checked_like_every_key():
             config_from_dict({**base, **keys})
     config = config_from_dict({**base, "use_llm_lora": 16})
     assert config.llm_lora_alpha is None and config.lora_dropout == 0.05  # InternVL's: alpha 2 × rank, dropout 0.05
-    assert config.llm_lora_target_modules == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"]
+    assert config.llm_lora_target_modules == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.down_proj",
+        "mlp.up_proj",
+    ]
 
 
 def test_without_peft_a_lora_key_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -280,8 +317,9 @@ def test_without_peft_a_lora_key_is_refused_in_one_line(tmp_path, tiny_model_dir
 
 # --- through the CLI ------------------------------------------------------------------------------
 
-RUN_KEYS = dict(use_llm_lora=4, use_backbone_lora=2, activation_checkpointing=True, epochs_per_stage=1,
-                max_latent_stage=2, lr=1e-2)
+RUN_KEYS = dict(
+    use_llm_lora=4, use_backbone_lora=2, activation_checkpointing=True, epochs_per_stage=1, max_latent_stage=2, lr=1e-2
+)
 
 
 def _adapter(checkpoint) -> dict:
@@ -290,13 +328,15 @@ def _adapter(checkpoint) -> dict:
 
 def _logits(model, batch: Batch) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     pixel_values=batch.pixel_values).logits
+        return model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values
+        ).logits
 
 
 @pytest.mark.slow
-def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports_a_plain_model(tmp_path,
-                                                                                                tiny_model_dir):
+def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports_a_plain_model(
+    tmp_path, tiny_model_dir
+):
     """Dropout 0.05 (InternVL's) and activation checkpointing on. A run stopped after epoch 1 and resumed
     ends with the same plain weights and adapters, tensor for tensor, as a run never stopped; the frozen
     weights stay those of the model it started from; --infer answers as the run's evaluation did; the
@@ -316,22 +356,41 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
-    trained, start = (AutoModelForImageTextToText.from_pretrained(d).state_dict()
-                      for d in (checkpoint / "model", tiny_model_dir))
+    trained, start = (
+        AutoModelForImageTextToText.from_pretrained(d).state_dict() for d in (checkpoint / "model", tiny_model_dir)
+    )
     frozen = [k for k in start if k.startswith(("model.language_model.layers.", "model.vision_tower.encoder."))]
     assert len(frozen) > 30 and all(torch.equal(trained[k], start[k]) for k in frozen)
-    assert not torch.equal(trained["model.multi_modal_projector.linear_1.weight"],
-                           start["model.multi_modal_projector.linear_1.weight"])  # no adapters there: it trains
+    assert not torch.equal(
+        trained["model.multi_modal_projector.linear_1.weight"], start["model.multi_modal_projector.linear_1.weight"]
+    )  # no adapters there: it trains
 
     predictions = tmp_path / "infer.jsonl"
     data = REPO / "data" / "demo"
-    answered = subprocess.run([sys.executable, "run.py", "--infer", str(checkpoint), "--output", str(predictions),
-                               "--data", str(data / "val.json"), "--image-dir", str(data / "images")],
-                              cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    answered = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--infer",
+            str(checkpoint),
+            "--output",
+            str(predictions),
+            "--data",
+            str(data / "val.json"),
+            "--image-dir",
+            str(data / "images"),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert answered.returncode == 0, answered.stderr[-3000:]
     evaluated = (tmp_path / "checkpoints" / "straight" / "predictions" / "epoch_2.jsonl").read_text().splitlines()
     assert [json.loads(line)["output"] for line in predictions.read_text().splitlines()] == [
-        json.loads(line)["output"] for line in evaluated]
+        json.loads(line)["output"] for line in evaluated
+    ]
 
     from peft import PeftModel
 
@@ -344,13 +403,16 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
     out = tmp_path / "export"
     assert run.main(["--export", str(checkpoint), str(out), "--dtype", "fp32"]) == 0
     assert not (out / "adapter").exists()
-    script = ("import sys, torch; sys.modules['peft'] = None\n"  # the export must load without peft
-              "from transformers import AutoModelForImageTextToText\n"
-              f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
-              "from safetensors.torch import save_file\n"
-              f"save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})")
-    loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=300)
+    script = (
+        "import sys, torch; sys.modules['peft'] = None\n"  # the export must load without peft
+        "from transformers import AutoModelForImageTextToText\n"
+        f"m = AutoModelForImageTextToText.from_pretrained({str(out)!r}, dtype=torch.float32)\n"
+        "from safetensors.torch import save_file\n"
+        f"save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     for k, v in load_file(tmp_path / "loaded.safetensors").items():
@@ -378,12 +440,27 @@ def test_lora_on_two_fsdp_ranks_matches_one_rank_on_the_global_batch(tmp_path, t
     one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
     two = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=4, **keys)
     assert run.main([str(one)]) == 0
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(REPO / "run.py"), str(two)],
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "run.py"),
+            str(two),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    for ma, mb in zip(metrics(tmp_path / "checkpoints" / "one"), metrics(tmp_path / "checkpoints" / "two"),
-                      strict=True):
+    for ma, mb in zip(
+        metrics(tmp_path / "checkpoints" / "one"), metrics(tmp_path / "checkpoints" / "two"), strict=True
+    ):
         for key in ("train_loss", "val_loss"):
             assert abs(ma[key] - mb[key]) <= 1e-5 * abs(ma[key]), (key, ma, mb)
     for part in (weights, _adapter):

@@ -36,22 +36,36 @@ def test_a_fresh_run_starts_an_empty_log(tmp_path):
 def test_console_shows_training_metrics_on_the_bar_and_prints_the_others(capsys):
     console = ConsoleLogger(rows=2)
     console.bar = tqdm(total=4, file=io.StringIO())
-    console.log({"train/loss": 1.234567, "train/lr": 0.002, "train/grad_norm": 0.51234, "train/tokens_per_s": 1234.4,
-                 "train/epoch": 0.25}, step=1)
+    console.log(
+        {
+            "train/loss": 1.234567,
+            "train/lr": 0.002,
+            "train/grad_norm": 0.51234,
+            "train/tokens_per_s": 1234.4,
+            "train/epoch": 0.25,
+        },
+        step=1,
+    )
     assert console.bar.postfix == "loss=1.2346, lr=2.00e-03, grad_norm=0.512, tok/s=1234"
     assert capsys.readouterr().out == ""  # training metrics print no line
     console.log({"eval/epoch": 1, "eval/val_loss": 0.5, "eval/correct": 3}, step=4)
-    console.log_table("eval/generations", [{"question": "q1", "gold": "a"}, {"question": "q2", "gold": "b"},
-                                           {"question": "q3", "gold": "c"}], step=4)
+    console.log_table(
+        "eval/generations",
+        [{"question": "q1", "gold": "a"}, {"question": "q2", "gold": "b"}, {"question": "q3", "gold": "c"}],
+        step=4,
+    )
     assert capsys.readouterr().out.splitlines() == [
-        "[eval] epoch=1 val_loss=0.5000 correct=3", "  question: 'q1'  gold: 'a'", "  question: 'q2'  gold: 'b'"]
+        "[eval] epoch=1 val_loss=0.5000 correct=3",
+        "  question: 'q1'  gold: 'a'",
+        "  question: 'q2'  gold: 'b'",
+    ]
 
 
 def test_wandb_runs_in_the_save_directory_and_keeps_its_id_for_the_resumed_run(tmp_path, monkeypatch):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     save_dir = tmp_path / "run"
-    for launch in range(2):
+    for _launch in range(2):
         logger = WandbLogger(save_dir, "offline", "proj", "run", {"lr": 0.1})
         logger.log({"train/loss": 1.0}, step=5)
         logger.log({"train/loss": 2.0}, step=4)  # behind the run's step (re-run after a resume): skipped
@@ -60,10 +74,20 @@ def test_wandb_runs_in_the_save_directory_and_keeps_its_id_for_the_resumed_run(t
         logger.close()
     run_id = (save_dir / WANDB_ID_FILE).read_text().strip()
     assert len(run_id) == 16
-    expected = {"project": "proj", "name": "run", "config": {"lr": 0.1}, "mode": "offline", "dir": str(save_dir),
-                "id": run_id, "resume": "allow"}
+    expected = {
+        "project": "proj",
+        "name": "run",
+        "config": {"lr": 0.1},
+        "mode": "offline",
+        "dir": str(save_dir),
+        "id": run_id,
+        "resume": "allow",
+    }
     assert fake.inits == [expected, expected]
-    assert [(step, list(record)) for step, record in fake.logged] == [(5, ["train/loss"]), (5, ["eval/generations"])] * 2
+    assert [(step, list(record)) for step, record in fake.logged] == [
+        (5, ["train/loss"]),
+        (5, ["eval/generations"]),
+    ] * 2
     table = fake.logged[1][1]["eval/generations"]
     assert (table.columns, table.data) == (["question", "answer"], [["q", "a"], ["r", "b"]])
     assert fake.finished == 2

@@ -33,11 +33,27 @@ def rendezvous(backend: str, port: int, node_rank: int) -> list[str]:
 def node_agents(config: Path, backend: str, nnodes: int = 2) -> list[subprocess.CompletedProcess]:
     """nnodes `torchrun --nnodes N --nproc_per_node 1 ... run.py CONFIG` at once, as on nnodes machines."""
     port = free_port()
-    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", "1",
-                 *rendezvous(backend, port, node_rank), str(REPO / "run.py"), str(config)]
-                for node_rank in range(nnodes)]
-    agents = [subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for command in commands]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(nnodes),
+            "--nproc_per_node",
+            "1",
+            *rendezvous(backend, port, node_rank),
+            str(REPO / "run.py"),
+            str(config),
+        ]
+        for node_rank in range(nnodes)
+    ]
+    agents = [
+        subprocess.Popen(
+            command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for command in commands
+    ]
     try:
         outputs = [agent.communicate(timeout=600) for agent in agents]
     finally:
@@ -45,8 +61,10 @@ def node_agents(config: Path, backend: str, nnodes: int = 2) -> list[subprocess.
             if agent.poll() is None:
                 agent.terminate()
                 agent.communicate(timeout=60)
-    return [subprocess.CompletedProcess(command, agent.returncode, out, err)
-            for command, agent, (out, err) in zip(commands, agents, outputs)]
+    return [
+        subprocess.CompletedProcess(command, agent.returncode, out, err)
+        for command, agent, (out, err) in zip(commands, agents, outputs)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,9 @@ def one_thread():
 
 
 @pytest.mark.slow
-def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_does(tmp_path, tiny_model_dir,
-                                                                                      monkeypatch):
+def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_does(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """The original's rule (facebookresearch/coconut, run.py): inside the epoch loop (L242,
     `for epoch in range(configs.resume, configs.num_epochs):`), L312-319 `if configs.reset_optimizer:
     del optimizer; optimizer = optim.AdamW(...)` builds a new AdamW at the start of every epoch,
@@ -44,8 +45,15 @@ def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_d
 
     monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
     for reset in (True, False):
-        config = demo_config(tmp_path, tiny_model_dir, name=f"reset_{reset}", num_epochs=2, epochs_per_stage=2,
-                             batch_size_training=8, reset_optimizer=reset)
+        config = demo_config(
+            tmp_path,
+            tiny_model_dir,
+            name=f"reset_{reset}",
+            num_epochs=2,
+            epochs_per_stage=2,
+            batch_size_training=8,
+            reset_optimizer=reset,
+        )
         assert run.main([str(config)]) == 0
         first = tmp_path / "checkpoints" / f"reset_{reset}" / "checkpoint_1"
         assert (first / ckpt.OPTIMIZER_FILE).exists() == (not reset)
@@ -68,8 +76,18 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
         step(self, optimizer, lr)
 
     monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
-    config = demo_config(tmp_path, tiny_model_dir, name="schedule", resume=2, num_epochs=4, epochs_per_stage=1,
-                         batch_size_training=8, lr=1e-3, lr_scheduler="cosine", warmup_ratio=0.25)
+    config = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        name="schedule",
+        resume=2,
+        num_epochs=4,
+        epochs_per_stage=1,
+        batch_size_training=8,
+        lr=1e-3,
+        lr_scheduler="cosine",
+        warmup_ratio=0.25,
+    )
     assert run.main([str(config)]) == 0
     total, warmup = 12, 3
     expected = [1e-3 * (k + 1) / warmup for k in range(warmup)]
@@ -80,6 +98,7 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
 
 # --- gradient accumulation -----------------------------------------------------------------------
 
+
 def test_accumulation_2_x_batch_4_equals_batch_8_in_gradients_and_logged_loss(tmp_path, tiny_model_dir, monkeypatch):
     """The loss of an optimizer step is the token mean over all its micro-batches: the summed token
     CE divided by the label count of the whole step (not each micro-batch's mean, then averaged).
@@ -87,8 +106,9 @@ def test_accumulation_2_x_batch_4_equals_batch_8_in_gradients_and_logged_loss(tm
     the same weights. Clipping (max_grad_norm 0.5) is active: the recorded norms after it are 0.5.
     (2 ranks x batch 2 x accumulation 2 against this: tests/test_preemption.py's 2-rank test.)"""
     one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "batch_8", batch_size_training=8)
-    two = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "accum_2", batch_size_training=4,
-                       gradient_accumulation_steps=2)
+    two = recorded_run(
+        tmp_path, tiny_model_dir, monkeypatch, "accum_2", batch_size_training=4, gradient_accumulation_steps=2
+    )
     assert len(one["unclipped"]) == len(two["unclipped"]) == 6
     assert_same_steps(two, one, steps=6)
     for grads in one["clipped"]:

@@ -34,8 +34,12 @@ def test_all_method_keys_false_is_pause_with_markers_and_latents():
 def test_pause_loss_and_gradients_are_the_plain_lm_on_latent_tokens():
     model = tiny_lm()
     batch = mixed_batch()
-    reference = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                      position_ids=batch.position_ids)  # the original's pause mode: the plain LM, labels and all
+    reference = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=batch.labels,
+        position_ids=batch.position_ids,
+    )  # the original's pause mode: the plain LM, labels and all
     reference.loss.backward()
     expected = grads(model)
     model.zero_grad()
@@ -62,15 +66,17 @@ def test_pause_generation_is_the_plain_lms_greedy_generate():
     for prompt in prompts:  # the original generates one question at a time
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
-        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                  eos_token_id=EOS, pad_token_id=PAD)[0, len(prompt):].tolist()
+        expected = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=EOS, pad_token_id=PAD
+        )[0, len(prompt) :].tolist()
         got = pause.generate(Batch(ids, mask, torch.arange(len(prompt))[None]), max_new_tokens=12)[0].tolist()
         assert got[: len(expected)] == expected, prompt
 
 
 def test_pause_trains_and_evaluates_through_the_cli(tmp_path, tiny_model_dir):
-    config = demo_config(tmp_path, tiny_model_dir, coconut=False, num_epochs=2, epochs_per_stage=1,
-                         batch_size_training=8)
+    config = demo_config(
+        tmp_path, tiny_model_dir, coconut=False, num_epochs=2, epochs_per_stage=1, batch_size_training=8
+    )
     assert run.main([str(config)]) == 0
     save_dir = tmp_path / "checkpoints" / "run"
     assert [m["stage"] for m in metrics(save_dir)] == [0, 1]

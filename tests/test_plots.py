@@ -11,15 +11,19 @@ from PIL import Image
 from plots import CURVES_FILE, Curves, draw, stage_boundaries
 
 # 2 epochs of 2 steps at stage 0, then one epoch at stage 1 (thoughts from then on)
-STEPS = [{"step": 1, "epoch": 0.5, "stage": 0, "loss": 4.0, "token_embedding_norm": 1.0},
-         {"step": 2, "epoch": 1.0, "stage": 0, "loss": 3.0, "token_embedding_norm": 1.1},
-         {"step": 3, "epoch": 1.5, "stage": 0, "loss": 2.5, "token_embedding_norm": 1.2},
-         {"step": 4, "epoch": 2.0, "stage": 0, "loss": 2.0, "token_embedding_norm": 1.3},
-         {"step": 5, "epoch": 2.5, "stage": 1, "loss": 2.2, "token_embedding_norm": 1.4, "thought_norm": 9.0},
-         {"step": 6, "epoch": 3.0, "stage": 1, "loss": 1.8, "token_embedding_norm": 1.5, "thought_norm": 9.5}]
-METRICS = [{"epoch": 1, "stage": 0, "train_loss": 3.5, "val_loss": 3.2, "accuracy": 0.0},
-           {"epoch": 2, "stage": 0, "train_loss": 2.25, "val_loss": 2.4, "accuracy": 0.25},
-           {"epoch": 3, "stage": 1, "train_loss": 2.0, "val_loss": 2.1, "accuracy": 0.5}]
+STEPS = [
+    {"step": 1, "epoch": 0.5, "stage": 0, "loss": 4.0, "token_embedding_norm": 1.0},
+    {"step": 2, "epoch": 1.0, "stage": 0, "loss": 3.0, "token_embedding_norm": 1.1},
+    {"step": 3, "epoch": 1.5, "stage": 0, "loss": 2.5, "token_embedding_norm": 1.2},
+    {"step": 4, "epoch": 2.0, "stage": 0, "loss": 2.0, "token_embedding_norm": 1.3},
+    {"step": 5, "epoch": 2.5, "stage": 1, "loss": 2.2, "token_embedding_norm": 1.4, "thought_norm": 9.0},
+    {"step": 6, "epoch": 3.0, "stage": 1, "loss": 1.8, "token_embedding_norm": 1.5, "thought_norm": 9.5},
+]
+METRICS = [
+    {"epoch": 1, "stage": 0, "train_loss": 3.5, "val_loss": 3.2, "accuracy": 0.0},
+    {"epoch": 2, "stage": 0, "train_loss": 2.25, "val_loss": 2.4, "accuracy": 0.25},
+    {"epoch": 3, "stage": 1, "train_loss": 2.0, "val_loss": 2.1, "accuracy": 0.5},
+]
 
 
 def test_stage_boundaries_come_from_both_files():
@@ -39,15 +43,22 @@ def test_each_panel_draws_its_data_with_the_stage_boundaries():
     loss, accuracy, norms = figure.axes
 
     def lines(axes):
-        return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()
-                if not line.get_label().startswith("_")}
+        return {
+            line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in axes.get_lines()
+            if not line.get_label().startswith("_")
+        }
 
-    assert lines(loss) == {"train (step)": ([0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [4.0, 3.0, 2.5, 2.0, 2.2, 1.8]),
-                           "train (epoch mean)": ([0.5, 1.5, 2.5], [3.5, 2.25, 2.0]),
-                           "validation": ([1, 2, 3], [3.2, 2.4, 2.1])}
+    assert lines(loss) == {
+        "train (step)": ([0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [4.0, 3.0, 2.5, 2.0, 2.2, 1.8]),
+        "train (epoch mean)": ([0.5, 1.5, 2.5], [3.5, 2.25, 2.0]),
+        "validation": ([1, 2, 3], [3.2, 2.4, 2.1]),
+    }
     assert lines(accuracy) == {"accuracy": ([1, 2, 3], [0.0, 0.25, 0.5])}
-    assert lines(norms) == {"token embedding norm": ([0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]),
-                            "thought norm": ([2.5, 3.0], [9.0, 9.5])}
+    assert lines(norms) == {
+        "token embedding norm": ([0.5, 1.0, 1.5, 2.0, 2.5, 3.0], [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]),
+        "thought norm": ([2.5, 3.0], [9.0, 9.5]),
+    }
     for axes in (loss, accuracy, norms):
         boundaries = [list(line.get_xdata()) for line in axes.get_lines() if line.get_label().startswith("_")]
         assert boundaries == [[2.0, 2.0]]  # axvline: one vertical line where stage 1 starts
@@ -74,7 +85,6 @@ def test_without_matplotlib_one_note_and_no_picture(tmp_path, monkeypatch):
     assert curves.update() is None and curves.update() is None
     assert notes == [f"note: matplotlib is not installed: no {CURVES_FILE} (pip install matplotlib)"]
     assert not (tmp_path / CURVES_FILE).exists()
-
 
 
 def test_an_evaluation_before_any_logged_step_draws_without_warnings(tmp_path, recwarn):

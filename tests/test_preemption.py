@@ -37,9 +37,19 @@ from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weigh
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).
 # The cosine schedule, warmup, clipping and reset_optimizer all carry state a resume must get right.
-KEYS = dict(num_epochs=3, epochs_per_stage=1, max_latent_stage=2, batch_size_training=4, gradient_accumulation_steps=2,
-            save_every_steps=2, lr_scheduler="cosine", warmup_ratio=0.1, max_grad_norm=1.0, reset_optimizer=True,
-            num_workers=0)
+KEYS = dict(
+    num_epochs=3,
+    epochs_per_stage=1,
+    max_latent_stage=2,
+    batch_size_training=4,
+    gradient_accumulation_steps=2,
+    save_every_steps=2,
+    lr_scheduler="cosine",
+    warmup_ratio=0.1,
+    max_grad_norm=1.0,
+    reset_optimizer=True,
+    num_workers=0,
+)
 STEPS_PER_EPOCH = 6
 
 
@@ -62,8 +72,10 @@ def straight(tmp_path_factory, tiny_model_dir) -> Path:
 
 def logged_steps(save_dir: Path) -> list[dict]:
     """train_log.jsonl without its throughput, which depends on the machine's speed."""
-    return [{k: v for k, v in line.items() if not k.endswith("_per_s")}
-            for line in map(json.loads, (save_dir / "train_log.jsonl").read_text().splitlines())]
+    return [
+        {k: v for k, v in line.items() if not k.endswith("_per_s")}
+        for line in map(json.loads, (save_dir / "train_log.jsonl").read_text().splitlines())
+    ]
 
 
 def assert_same_run(save_dir: Path, straight: Path) -> None:
@@ -73,8 +85,16 @@ def assert_same_run(save_dir: Path, straight: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(straight)  # every epoch's line once, train_loss of resumed epochs included
     assert logged_steps(save_dir) == logged_steps(straight)  # every step's line once, as the straight run logged it
-    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1", "checkpoint_2", "checkpoint_3", "config.yaml",
-                                                        "curves.png", "metrics.jsonl", "predictions", "train_log.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "checkpoint_1",
+        "checkpoint_2",
+        "checkpoint_3",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "predictions",
+        "train_log.jsonl",
+    ]
     predictions = sorted(p.name for p in (straight / "predictions").iterdir())
     assert sorted(p.name for p in (save_dir / "predictions").iterdir()) == predictions
     for name in predictions:  # every evaluation's answers, as the uninterrupted run gave them
@@ -112,21 +132,28 @@ def rerun(capsys, config: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "step"), [(signal.SIGTERM, 3), (signal.SIGUSR1, 9), (signal.SIGINT, 15)],
-                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize(
+    ("sig", "step"),
+    [(signal.SIGTERM, 3), (signal.SIGUSR1, 9), (signal.SIGINT, 15)],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT"],
+)
 def test_a_stop_signal_saves_a_step_checkpoint_and_the_rerun_equals_the_uninterrupted_run(
-        tmp_path, tiny_model_dir, straight, monkeypatch, capsys, sig, step):
+    tmp_path, tiny_model_dir, straight, monkeypatch, capsys, sig, step
+):
     config = demo_config(tmp_path, tiny_model_dir, name="stopped", **KEYS)
     save_dir = tmp_path / "checkpoints" / "stopped"
     with monkeypatch.context() as patch:
         patch.setattr(trainer.Run, "_optimizer_step", stop_at(step, sig))
         line = stopped(capsys, config)
-    assert line == (f"stopped by {sig.name} after optimizer step {step}: saved {save_dir / f'step_{step}'}; "
-                    "run the same command again to resume from it")
+    assert line == (
+        f"stopped by {sig.name} after optimizer step {step}: saved {save_dir / f'step_{step}'}; "
+        "run the same command again to resume from it"
+    )
     # the step checkpoint replaced the older one; epoch checkpoints stay
     epochs_done = step // STEPS_PER_EPOCH
     assert sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p.name != "predictions") == (
-        [f"checkpoint_{e}" for e in range(1, epochs_done + 1)] + [f"step_{step}"])
+        [f"checkpoint_{e}" for e in range(1, epochs_done + 1)] + [f"step_{step}"]
+    )
     state = json.loads((save_dir / f"step_{step}" / ckpt.STATE_FILE).read_text())
     assert (state["epoch"], state["batch"], state["step"]) == (epochs_done, 2 * (step % STEPS_PER_EPOCH), step)
 
@@ -185,13 +212,18 @@ def hard_kill_in_evaluation(epoch: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kill", "resumed_from"), [
-    (functools.partial(hard_kill_at_step, 11), "step_10"),  # loses one step (save_every_steps 2)
-    (functools.partial(hard_kill_at_step, 13), "checkpoint_2"),  # the first step after an epoch checkpoint
-    (functools.partial(hard_kill_in_evaluation, 2), "checkpoint_2"),  # saved, never evaluated: evaluated first
-], ids=["mid_epoch", "after_epoch_checkpoint", "in_evaluation"])
+@pytest.mark.parametrize(
+    ("kill", "resumed_from"),
+    [
+        (functools.partial(hard_kill_at_step, 11), "step_10"),  # loses one step (save_every_steps 2)
+        (functools.partial(hard_kill_at_step, 13), "checkpoint_2"),  # the first step after an epoch checkpoint
+        (functools.partial(hard_kill_in_evaluation, 2), "checkpoint_2"),  # saved, never evaluated: evaluated first
+    ],
+    ids=["mid_epoch", "after_epoch_checkpoint", "in_evaluation"],
+)
 def test_a_hard_kill_loses_at_most_save_every_steps_and_the_rerun_equals_the_uninterrupted_run(
-        tmp_path, tiny_model_dir, straight, capsys, kill, resumed_from):
+    tmp_path, tiny_model_dir, straight, capsys, kill, resumed_from
+):
     config = demo_config(tmp_path, tiny_model_dir, name="killed", **KEYS)
     save_dir = tmp_path / "checkpoints" / "killed"
     log = tmp_path / "killed.log"
@@ -205,7 +237,8 @@ def test_a_hard_kill_loses_at_most_save_every_steps_and_the_rerun_equals_the_uni
 
 @pytest.mark.slow
 def test_a_signal_during_evaluation_lets_it_finish_then_stops_with_nothing_new_to_save(
-        tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
+    tmp_path, tiny_model_dir, straight, monkeypatch, capsys
+):
     config = demo_config(tmp_path, tiny_model_dir, name="in_eval", **KEYS)
     save_dir = tmp_path / "checkpoints" / "in_eval"
     real = trainer.Run._generate
@@ -218,8 +251,10 @@ def test_a_signal_during_evaluation_lets_it_finish_then_stops_with_nothing_new_t
     with monkeypatch.context() as patch:
         patch.setattr(trainer.Run, "_generate", signal_then_generate)
         line = stopped(capsys, config)
-    assert line == (f"stopped by SIGTERM after optimizer step 6: {save_dir / 'checkpoint_1'} already holds this point; "
-                    "run the same command again to resume from it")
+    assert line == (
+        f"stopped by SIGTERM after optimizer step 6: {save_dir / 'checkpoint_1'} already holds this point; "
+        "run the same command again to resume from it"
+    )
     assert [m["epoch"] for m in metrics(save_dir)] == [1]  # the evaluation under way finished and was reported
     rerun(capsys, config)
     assert_same_run(save_dir, straight)
@@ -272,8 +307,9 @@ def test_a_second_sigint_aborts_at_once_but_torchruns_forwarded_copy_does_not(tm
 
     log = tmp_path / "abort.log"
     assert in_child(ctrl_c_twice, log) == 128 + signal.SIGINT, log.read_text()
-    assert log.read_text().strip() == ("interrupted again: aborted without saving; "
-                                       "re-running the same command resumes from the newest checkpoint")
+    assert log.read_text().strip() == (
+        "interrupted again: aborted without saving; re-running the same command resumes from the newest checkpoint"
+    )
 
 
 LEFT_RUNNING = """
@@ -288,8 +324,14 @@ next(batches)
 def test_workers_left_running_by_an_error_do_not_hang_the_exit():
     """Workers ignore stop signals, and multiprocessing's exit handler ends them with SIGTERM and
     waits: without preemption's own exit handler this process would never exit."""
-    result = subprocess.run([sys.executable, "-c", LEFT_RUNNING], cwd=REPO, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", LEFT_RUNNING],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
@@ -318,8 +360,9 @@ def _kill_at_write(save_dir: Path, kill_at: int) -> None:
 
     builtins.open = io.open = counted(io.open, writing=mode)
     torch.save = counted(torch.save, path_of=lambda obj, f, *a, **k: f)
-    transformers.modeling_utils.safe_save_file = counted(transformers.modeling_utils.safe_save_file,
-                                                         path_of=lambda tensors, f, *a, **k: f)
+    transformers.modeling_utils.safe_save_file = counted(
+        transformers.modeling_utils.safe_save_file, path_of=lambda tensors, f, *a, **k: f
+    )
     os.replace = counted(os.replace)
     write, prune = ckpt.write_checkpoint, ckpt.prune
 
@@ -339,9 +382,12 @@ def assert_complete(directory: Path, model_files: set[str]) -> None:
     """What a complete checkpoint holds, spelled out: its state file's parts, each readable."""
     assert (directory / ckpt.STATE_FILE).is_file(), f"{directory}: named as a checkpoint, without a state file"
     state = json.loads((directory / ckpt.STATE_FILE).read_text())
-    expected = ({f"model/{name}" for name in model_files} | {"trainer_state.json"}
-                | ({"optimizer.pt"} if state["optimizer_saved"] else set())
-                | {f"rank_{r}.pt" for r in range(state["ranks"])})
+    expected = (
+        {f"model/{name}" for name in model_files}
+        | {"trainer_state.json"}
+        | ({"optimizer.pt"} if state["optimizer_saved"] else set())
+        | {f"rank_{r}.pt" for r in range(state["ranks"])}
+    )
     assert {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()} == expected, directory
     load_file(directory / "model" / "model.safetensors")
     for name in expected - {f"model/{n}" for n in model_files} - {"trainer_state.json"}:
@@ -350,7 +396,8 @@ def assert_complete(directory: Path, model_files: set[str]) -> None:
 
 @pytest.mark.slow  # some twenty forked runs
 def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint(
-        tmp_path, tiny_model_dir, straight, capsys):
+    tmp_path, tiny_model_dir, straight, capsys
+):
     """The saves of step_4 (it drops step_2) and of checkpoint_1 (it drops step_4), each killed at
     every one of its file writes in turn, from the same starting state: nothing named as a
     checkpoint, and nothing holding a state file, is ever incomplete, and the newest complete
@@ -373,7 +420,7 @@ def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint
         kill_at = 1
         while True:
             restore(before)
-            status = in_child(lambda: (_kill_at_write(save_dir, kill_at), run.main([str(config)])), log)
+            status = in_child(lambda k=kill_at: (_kill_at_write(save_dir, k), run.main([str(config)])), log)
             assert status in (0, 9), log.read_text()[-3000:]
             for path in save_dir.iterdir():
                 if re.fullmatch(r"(checkpoint|step)_\d+", path.name) or (path / ckpt.STATE_FILE).exists():
@@ -398,9 +445,22 @@ def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint
 def torchrun(config: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """tests/instrumented_run.py under a 2-rank torchrun, with its FAULT or RECORD variables."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "tests.instrumented_run", str(config)],
-        cwd=REPO, env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tests.instrumented_run",
+            str(config),
+        ],
+        cwd=REPO,
+        env={**subprocess_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -420,14 +480,21 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
 
     result = torchrun(straight, RECORD=str(tmp_path / "straight.pt"))
     assert result.returncode == 0, result.stderr[-3000:]
-    one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "one", **{
-        **keys, "num_epochs": 1, "batch_size_training": 8, "gradient_accumulation_steps": 1, "num_workers": 0})
+    one = recorded_run(
+        tmp_path,
+        tiny_model_dir,
+        monkeypatch,
+        "one",
+        **{**keys, "num_epochs": 1, "batch_size_training": 8, "gradient_accumulation_steps": 1, "num_workers": 0},
+    )
     assert_same_steps(torch.load(tmp_path / "straight.pt", weights_only=True), one, steps=1)
 
     result = torchrun(config, FAULT="3:1:SIGTERM")
     lines = [line for line in result.stderr.splitlines() if line.startswith("stopped by ")]
-    assert lines == [f"stopped by a stop signal to another rank after optimizer step 3: saved {save_dir / 'step_3'}; "
-                     "run the same command again to resume from it"], result.stderr[-3000:]
+    assert lines == [
+        f"stopped by a stop signal to another rank after optimizer step 3: saved {save_dir / 'step_3'}; "
+        "run the same command again to resume from it"
+    ], result.stderr[-3000:]
     assert result.stderr.count("exitcode  : 75") == 2, result.stderr[-3000:]  # torchrun's report of each rank
     assert not re.search(r"\[rank\d\]: Traceback", result.stderr), result.stderr[-3000:]
     assert sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p.name != "predictions") == ["step_3"]
@@ -448,5 +515,11 @@ def test_two_ranks_stop_together_and_resume_after_sigterm_and_kill_9(tmp_path, t
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert metrics(save_dir) == metrics(tmp_path / "checkpoints" / "straight")
     assert logged_steps(save_dir) == logged_steps(tmp_path / "checkpoints" / "straight")
-    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_2", "config.yaml", "curves.png", "metrics.jsonl",
-                                                        "predictions", "train_log.jsonl"]
+    assert sorted(p.name for p in save_dir.iterdir()) == [
+        "checkpoint_2",
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "predictions",
+        "train_log.jsonl",
+    ]

@@ -116,12 +116,33 @@ def _picture(color: str) -> Image.Image:
 
 def test_scienceqa_converter(tmp_path: Path) -> None:
     rows = [
-        {"question": "Which is a mammal?", "choices": ["frog", "dog"], "answer": 1, "hint": "",
-         "image": _picture("red"), "lecture": "Mammals have fur.", "solution": "A dog has fur. So it is a mammal."},
-        {"question": "Which is hotter?", "choices": ["ice", "fire", "snow"], "answer": 1, "hint": "Think.",
-         "image": None, "lecture": "", "solution": "Fire burns!\n\nIce is cold."},
-        {"question": "What colour?", "choices": ["blue", "green"], "answer": 0, "hint": "Look at the ball.",
-         "image": _picture("blue").convert("CMYK"), "lecture": "", "solution": ""},
+        {
+            "question": "Which is a mammal?",
+            "choices": ["frog", "dog"],
+            "answer": 1,
+            "hint": "",
+            "image": _picture("red"),
+            "lecture": "Mammals have fur.",
+            "solution": "A dog has fur. So it is a mammal.",
+        },
+        {
+            "question": "Which is hotter?",
+            "choices": ["ice", "fire", "snow"],
+            "answer": 1,
+            "hint": "Think.",
+            "image": None,
+            "lecture": "",
+            "solution": "Fire burns!\n\nIce is cold.",
+        },
+        {
+            "question": "What colour?",
+            "choices": ["blue", "green"],
+            "answer": 0,
+            "hint": "Look at the ball.",
+            "image": _picture("blue").convert("CMYK"),
+            "lecture": "",
+            "solution": "",
+        },
     ]
     records = convert_rows(rows, scienceqa.convert_row, "val", tmp_path / "img")
     assert write_splits({"val": records}, tmp_path, tmp_path / "img") == {"val": 3}
@@ -141,11 +162,26 @@ def test_scienceqa_converter(tmp_path: Path) -> None:
 
 def test_m3cot_converter(tmp_path: Path) -> None:
     rows = [
-        {"id": "sci-1", "question": "What is shown?", "choices": ["a cat", "a ball"], "answer": "B",
-         "rationale": "The object is round. Round toys are balls.", "image": _picture("green"),
-         "domain": "science", "topic": "objects"},
-        {"id": "math-7", "question": "How many?", "choices": ["1", "2"], "answer": "A",
-         "rationale": "There is one circle.", "image": _picture("black"), "domain": "math", "topic": "counting"},
+        {
+            "id": "sci-1",
+            "question": "What is shown?",
+            "choices": ["a cat", "a ball"],
+            "answer": "B",
+            "rationale": "The object is round. Round toys are balls.",
+            "image": _picture("green"),
+            "domain": "science",
+            "topic": "objects",
+        },
+        {
+            "id": "math-7",
+            "question": "How many?",
+            "choices": ["1", "2"],
+            "answer": "A",
+            "rationale": "There is one circle.",
+            "image": _picture("black"),
+            "domain": "math",
+            "topic": "counting",
+        },
     ]
     records = convert_rows(rows, m3cot.convert_row, "train", tmp_path / "img")
     assert write_splits({"train": records}, tmp_path, tmp_path / "img") == {"train": 2}
@@ -168,7 +204,11 @@ def test_write_splits_rejects_missing_images(tmp_path: Path) -> None:
 
 def test_split_sentences() -> None:
     assert split_sentences("It costs 3.5 dollars. Then what?  Done!\nNext line") == [
-        "It costs 3.5 dollars.", "Then what?", "Done!", "Next line"]
+        "It costs 3.5 dollars.",
+        "Then what?",
+        "Done!",
+        "Next line",
+    ]
     assert split_sentences(None) == split_sentences("  \n ") == []
 
 

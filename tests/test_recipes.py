@@ -22,8 +22,19 @@ from tests.helpers.runs import REPO, metrics, torchrun
 RECIPES = sorted((REPO / "args").glob("*.yaml"))
 DEMO = REPO / "data" / "demo"
 # The keys a size change may touch; anything else stays as shipped.
-SIZE_KEYS = {"model_id", "train_path", "val_path", "image_dir", "image_size", "max_tiles", "num_epochs",
-             "batch_size_training", "batch_size_eval", "save_path", "load_model_path"}
+SIZE_KEYS = {
+    "model_id",
+    "train_path",
+    "val_path",
+    "image_dir",
+    "image_size",
+    "max_tiles",
+    "num_epochs",
+    "batch_size_training",
+    "batch_size_eval",
+    "save_path",
+    "load_model_path",
+}
 CHAIN_LINK = re.compile(r"^checkpoints/(?P<name>[^/]+)/checkpoint_(?P<epoch>\d+)$")
 
 
@@ -89,10 +100,16 @@ def test_shipped_recipes_run_as_shipped_under_torchrun(tmp_path, tiny_model_dir,
     for path in run_order():
         config = shipped(path)
         resized = {
-            "model_id": str(tiny_model_dir), "image_dir": str(DEMO / "images"), "image_size": 56,
-            "max_tiles": min(config.get("max_tiles", 12), 6), "num_epochs": small_epochs(config),
-            "batch_size_training": 1, "batch_size_eval": 4, "save_path": str(save_path),
-            "train_path": str(small_data["train"]), "val_path": str(small_data["val"]),
+            "model_id": str(tiny_model_dir),
+            "image_dir": str(DEMO / "images"),
+            "image_size": 56,
+            "max_tiles": min(config.get("max_tiles", 12), 6),
+            "num_epochs": small_epochs(config),
+            "batch_size_training": 1,
+            "batch_size_eval": 4,
+            "save_path": str(save_path),
+            "train_path": str(small_data["train"]),
+            "val_path": str(small_data["val"]),
         }
         link = CHAIN_LINK.match(str(config.get("load_model_path") or ""))
         if link:
@@ -112,8 +129,10 @@ def test_shipped_recipes_run_as_shipped_under_torchrun(tmp_path, tiny_model_dir,
             continue
         history = metrics(save_path / config["name"])
         assert [m["epoch"] for m in history] == list(range(first + 1, last + 1)), path.name
-        stages = [0 if config.get("cot") or config.get("no_cot") else e // config.get("epochs_per_stage", 1)
-                  for e in range(first, last)]
+        stages = [
+            0 if config.get("cot") or config.get("no_cot") else e // config.get("epochs_per_stage", 1)
+            for e in range(first, last)
+        ]
         assert [m["stage"] for m in history] == stages, path.name
         if config.get("coconut"):
             assert len(set(stages)) > 1, f"{path.name}: the resized run must cross a stage boundary"

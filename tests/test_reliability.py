@@ -107,13 +107,17 @@ def assert_same_weights(a: Path, b: Path) -> None:
         ({"num_workers": -2}, "key 'num_workers': must be >= 0"),
         ({"max_tiles": 0}, "key 'max_tiles': must be > 0"),
         ({"max_length": 0}, "key 'max_length': must be > 0"),
-        pytest.param({"decode_cuda_graph": True}, "key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the key is valid")),
+        pytest.param(
+            {"decode_cuda_graph": True},
+            "key 'decode_cuda_graph': CUDA graph decoding needs one process on a GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: the key is valid"),
+        ),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
-def test_config_error_names_file_and_key_before_model_loading(tmp_path, tiny_model_dir, monkeypatch, capsys,
-                                                              keys, message):
+def test_config_error_names_file_and_key_before_model_loading(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, keys, message
+):
     no_model_loading(monkeypatch)
     config = demo_config(tmp_path, tiny_model_dir, **keys)
     user_error(capsys, config, config, message)
@@ -141,8 +145,9 @@ def test_unreadable_config_file(tmp_path, capsys):
 def test_image_size_must_be_the_vision_towers_before_weights_load(tmp_path, tiny_model_dir, monkeypatch, capsys, size):
     no_model_loading(monkeypatch)
     config = demo_config(tmp_path, tiny_model_dir, image_size=size)
-    user_error(capsys, config, f"key 'image_size': {size}", "image_size 56", "patch size 14",
-               tiny_model_dir / "config.json")
+    user_error(
+        capsys, config, f"key 'image_size': {size}", "image_size 56", "patch size 14", tiny_model_dir / "config.json"
+    )
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -161,8 +166,8 @@ def _png_with_size(width: int, height: int) -> bytes:
     Image.new("L", (1, 1)).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
     ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
     return bytes(data)
 
 
@@ -194,7 +199,12 @@ DATA_CASES = {  # name: (train file content, fragments the error line must hold 
     "zero_byte_image": ([_record(), _record("empty.png")], "record 1: unreadable image", "empty.png"),
     "decompression_bomb": ([_record(), _record("bomb.png")], "record 1: unreadable image", "decompression bomb"),
     "decompression_bomb_2x": ([_record(), _record("big_bomb.png")], "record 1: unreadable image", "decompression bomb"),
-    "truncated_image": ([_record(), _record("truncated.jpg")], "record 1: unreadable image", "truncated.jpg", "truncated"),
+    "truncated_image": (
+        [_record(), _record("truncated.jpg")],
+        "record 1: unreadable image",
+        "truncated.jpg",
+        "truncated",
+    ),
     "parent_escape": ([_record(), _record("../outside.png")], "record 1: path '../outside.png' escapes image_dir"),
     "absolute_escape": ([_record(), _record("/etc/hostname")], "record 1: path '/etc/hostname' escapes image_dir"),
     "symlink_escape": ([_record(), _record("link.png")], "record 1: path 'link.png' escapes image_dir"),
@@ -210,8 +220,15 @@ def test_bad_data_names_file_record_and_key(tmp_path, tiny_model_dir, capsys, ca
     val = tmp_path / "val.json"
     val.write_text(json.dumps([_record()]))
     # num_workers 1: an image that fails only when decoded does so in a DataLoader worker
-    config = demo_config(tmp_path, tiny_model_dir, train_path=str(train), val_path=str(val),
-                         image_dir=str(tmp_path / "images"), num_epochs=1, num_workers=1)
+    config = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        train_path=str(train),
+        val_path=str(val),
+        image_dir=str(tmp_path / "images"),
+        num_epochs=1,
+        num_workers=1,
+    )
     user_error(capsys, config, train, *fragments)
 
 
@@ -227,15 +244,26 @@ def _mode_images(images: Path) -> list[str]:
         "gray_alpha.png": Image.merge("LA", (Image.fromarray(gray), Image.fromarray(255 - gray))),
         "rgba.png": Image.fromarray(rgba),
         "palette.png": Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE),
-        "palette_transparent.png": Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+        "palette_transparent.png": Image.fromarray(rgba[..., :3]).convert(
+            "P", palette=Image.Palette.ADAPTIVE, colors=16
+        ),
         "gray16.png": Image.fromarray(gray.astype(np.uint16) * 257),
         "int32.tif": Image.fromarray(gray.astype(np.int32) * 1000),
         "float.tif": Image.fromarray(gray.astype(np.float32) / 255),
         "cmyk.jpg": Image.fromarray(rgba).convert("CMYK"),
     }
-    expected = {"gray.png": "L", "bilevel.png": "1", "gray_alpha.png": "LA", "rgba.png": "RGBA", "palette.png": "P",
-                "palette_transparent.png": "P", "gray16.png": "I;16", "int32.tif": "I", "float.tif": "F",
-                "cmyk.jpg": "CMYK"}
+    expected = {
+        "gray.png": "L",
+        "bilevel.png": "1",
+        "gray_alpha.png": "LA",
+        "rgba.png": "RGBA",
+        "palette.png": "P",
+        "palette_transparent.png": "P",
+        "gray16.png": "I;16",
+        "int32.tif": "I",
+        "float.tif": "F",
+        "cmyk.jpg": "CMYK",
+    }
     for name, image in files.items():
         kwargs = {"transparency": 0} if name == "palette_transparent.png" else {}
         image.save(images / name, **kwargs)
@@ -248,9 +276,17 @@ def test_every_image_mode_trains_through_the_cli(tmp_path, tiny_model_dir):
     names = _mode_images(tmp_path / "images")
     data = tmp_path / "modes.json"
     data.write_text(json.dumps([_record(name) for name in names]))
-    config = demo_config(tmp_path, tiny_model_dir, train_path=str(data), val_path=str(data),
-                         image_dir=str(tmp_path / "images"), num_epochs=2, epochs_per_stage=1,
-                         batch_size_training=4, num_workers=1)
+    config = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        train_path=str(data),
+        val_path=str(data),
+        image_dir=str(tmp_path / "images"),
+        num_epochs=2,
+        epochs_per_stage=1,
+        batch_size_training=4,
+        num_workers=1,
+    )
     assert run.main([str(config)]) == 0
     history = metrics(tmp_path / "checkpoints" / "run")
     assert [m["total"] for m in history] == [len(names)] * 2
@@ -299,7 +335,9 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, tiny_model_dir, s
     files["corrupt.pt"] = os.urandom(4096)
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-        config = demo_config(tmp_path, tiny_model_dir, name=name.replace(".", "_"), load_model_path=str(tmp_path / name))
+        config = demo_config(
+            tmp_path, tiny_model_dir, name=name.replace(".", "_"), load_model_path=str(tmp_path / name)
+        )
         user_error(capsys, config, tmp_path / name, "corrupt")
 
     # a checkpoint of another model: the first tensor (in file order) whose shape differs is named
@@ -309,8 +347,13 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, tiny_model_dir, s
         foreign[k] = torch.zeros(*(n + 1 for n in state[k].shape))
     torch.save(foreign, tmp_path / "foreign.pt")
     config = demo_config(tmp_path, tiny_model_dir, name="foreign", load_model_path=str(tmp_path / "foreign.pt"))
-    user_error(capsys, config, tmp_path / "foreign.pt", f"tensor '{names[2]}' has shape",
-               f"the model expects {tuple(state[names[2]].shape)}")
+    user_error(
+        capsys,
+        config,
+        tmp_path / "foreign.pt",
+        f"tensor '{names[2]}' has shape",
+        f"the model expects {tuple(state[names[2]].shape)}",
+    )
 
     # a checkpoint directory (HF format) whose weights file is truncated
     broken = tmp_path / "broken_checkpoint"
@@ -338,7 +381,9 @@ def test_pickled_code_is_never_run(tmp_path, tiny_model_dir, straight, capsys):
     shutil.copytree(straight / "checkpoint_1", save_dir / "checkpoint_1")
     _payload_pickle(save_dir / "checkpoint_1" / ckpt.OPTIMIZER_FILE, sentinel)
     config = demo_config(tmp_path, tiny_model_dir, name="resumed", **RUN_KEYS)
-    user_error(capsys, config, save_dir / "checkpoint_1" / ckpt.OPTIMIZER_FILE, "unreadable optimizer state", "GLOBAL exec")
+    user_error(
+        capsys, config, save_dir / "checkpoint_1" / ckpt.OPTIMIZER_FILE, "unreadable optimizer state", "GLOBAL exec"
+    )
     assert not sentinel.exists()
 
 
@@ -382,7 +427,8 @@ def test_partial_and_stateless_checkpoints_are_never_resumed(tmp_path, tiny_mode
     assert f"resuming from {save_dir / 'checkpoint_2'} (epoch 2)" in capsys.readouterr().out
     assert [e for e, _ in ckpt.complete_checkpoints(save_dir)] == [1, 2, 3, 4]
     assert sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p not in theirs and p.name != "predictions") == [
-        f"checkpoint_{e}" for e in (1, 2, 3, 4)]
+        f"checkpoint_{e}" for e in (1, 2, 3, 4)
+    ]
     assert all((path / "keep.txt").read_text() == "mine" for path in theirs)
     assert ckpt.read_state(stateless).epoch == 3
     assert_same_weights(stateless, straight / "checkpoint_3")
@@ -404,7 +450,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_mod
 
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", disk_full_on_second_save)
-        user_error(capsys, config, save_dir / "checkpoint_2", "No space left on device", "earlier checkpoints are intact")
+        user_error(
+            capsys, config, save_dir / "checkpoint_2", "No space left on device", "earlier checkpoints are intact"
+        )
     dirs = sorted(p.name for p in save_dir.iterdir() if p.is_dir() and p.name != "predictions")
     assert dirs == ["checkpoint_1"]  # no partial directory
     first = save_dir / "checkpoint_1"
@@ -435,9 +483,13 @@ def test_a_newest_checkpoint_without_its_optimizer_state_is_refused(tmp_path, ti
     (save_dir / "checkpoint_2" / ckpt.OPTIMIZER_FILE).unlink()
     before = _files(save_dir)
     config = demo_config(tmp_path, tiny_model_dir, name="lost", **RUN_KEYS)
-    user_error(capsys, config, save_dir / "checkpoint_2",
-               "incomplete checkpoint: optimizer.pt missing although trainer_state.json lists it",
-               "remove checkpoint_2 to resume from checkpoint_1")
+    user_error(
+        capsys,
+        config,
+        save_dir / "checkpoint_2",
+        "incomplete checkpoint: optimizer.pt missing although trainer_state.json lists it",
+        "remove checkpoint_2 to resume from checkpoint_1",
+    )
     assert _files(save_dir) == before
 
 
@@ -446,24 +498,43 @@ def test_a_checkpoint_holding_only_its_state_file_is_refused(tmp_path, tiny_mode
     (save_dir / "checkpoint_1").mkdir(parents=True)
     shutil.copy(straight / "checkpoint_1" / ckpt.STATE_FILE, save_dir / "checkpoint_1")
     config = demo_config(tmp_path, tiny_model_dir, name="bare", **RUN_KEYS)
-    user_error(capsys, config, save_dir / "checkpoint_1", "incomplete checkpoint: model/ (config.json and weights), "
-               "optimizer.pt missing", "remove checkpoint_1 to start over")
+    user_error(
+        capsys,
+        config,
+        save_dir / "checkpoint_1",
+        "incomplete checkpoint: model/ (config.json and weights), optimizer.pt missing",
+        "remove checkpoint_1 to start over",
+    )
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"epoch": "2"}, "key 'epoch': expected an integer >= 0, got '2'"),
-    ({"epoch": -3}, "key 'epoch': expected an integer >= 0, got -3"),
-    ({"epoch": 9}, "key 'epoch': 9 is past num_epochs (4)"),
-    ({"step": 1.5}, "key 'step': expected an integer >= 0, got 1.5"),
-    ({"best_acc": "high"}, "key 'best_acc': expected a number in [0, 1], got 'high'"),
-    ({"train_loss": float("nan")}, "key 'train_loss': expected a finite number or null, got nan"),
-    ({"optimizer_saved": 1}, "key 'optimizer_saved': expected true or false, got 1"),
-    ({"epochs": 2}, "unknown key 'epochs'"),
-    ([2], "expected a JSON object, got list"),
-], ids=["epoch_string", "epoch_negative", "epoch_past_num_epochs", "step_float", "best_acc_string", "train_loss_nan",
-        "optimizer_saved_int", "unknown_key", "not_an_object"])
-def test_bad_trainer_state_values_are_named_and_nothing_is_overwritten(tmp_path, tiny_model_dir, straight, capsys,
-                                                                      change, message):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epoch": "2"}, "key 'epoch': expected an integer >= 0, got '2'"),
+        ({"epoch": -3}, "key 'epoch': expected an integer >= 0, got -3"),
+        ({"epoch": 9}, "key 'epoch': 9 is past num_epochs (4)"),
+        ({"step": 1.5}, "key 'step': expected an integer >= 0, got 1.5"),
+        ({"best_acc": "high"}, "key 'best_acc': expected a number in [0, 1], got 'high'"),
+        ({"train_loss": float("nan")}, "key 'train_loss': expected a finite number or null, got nan"),
+        ({"optimizer_saved": 1}, "key 'optimizer_saved': expected true or false, got 1"),
+        ({"epochs": 2}, "unknown key 'epochs'"),
+        ([2], "expected a JSON object, got list"),
+    ],
+    ids=[
+        "epoch_string",
+        "epoch_negative",
+        "epoch_past_num_epochs",
+        "step_float",
+        "best_acc_string",
+        "train_loss_nan",
+        "optimizer_saved_int",
+        "unknown_key",
+        "not_an_object",
+    ],
+)
+def test_bad_trainer_state_values_are_named_and_nothing_is_overwritten(
+    tmp_path, tiny_model_dir, straight, capsys, change, message
+):
     save_dir = tmp_path / "checkpoints" / "bad_state"
     _copy_checkpoints(straight, save_dir)
     state_file = save_dir / "checkpoint_2" / ckpt.STATE_FILE
@@ -490,8 +561,9 @@ def _disk_full_under(save_dir: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
-def test_a_full_disk_at_start_is_one_line_and_leaves_no_temporary_file(tmp_path, tiny_model_dir, straight, monkeypatch,
-                                                                       capsys, resumed):
+def test_a_full_disk_at_start_is_one_line_and_leaves_no_temporary_file(
+    tmp_path, tiny_model_dir, straight, monkeypatch, capsys, resumed
+):
     """The first file a fresh run writes is config.yaml; a resumed one first rewrites metrics.jsonl."""
     save_dir = tmp_path / "checkpoints" / "full"
     if resumed:
@@ -554,8 +626,21 @@ def test_a_failing_rank_stops_the_other_in_bounded_time(tmp_path, tiny_model_dir
     config = demo_config(tmp_path, tiny_model_dir, name=how, dist_timeout_s=10, batch_size_training=4, num_epochs=1)
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(wrapper), str(config)],
-        cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(wrapper),
+            str(config),
+        ],
+        cwd=REPO,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     elapsed = time.monotonic() - start
     assert f"rank 1: {how} after its first optimizer step" in result.stderr, result.stderr[-3000:]
@@ -587,17 +672,35 @@ def test_a_models_own_code_runs_only_when_the_config_opts_in(tmp_path, tiny_mode
     # multimodal: InternVL always loads as transformers' native class
     vl = tmp_path / "vl_model"
     shutil.copytree(tiny_model_dir, vl)
-    _with_remote_code(vl, sentinel, {"AutoConfig": "EvilConfig", "AutoModelForImageTextToText": "Evil",
-                                     "AutoProcessor": "EvilProcessor", "AutoTokenizer": "EvilTokenizer"})
+    _with_remote_code(
+        vl,
+        sentinel,
+        {
+            "AutoConfig": "EvilConfig",
+            "AutoModelForImageTextToText": "Evil",
+            "AutoProcessor": "EvilProcessor",
+            "AutoTokenizer": "EvilTokenizer",
+        },
+    )
     config = demo_config(tmp_path, tiny_model_dir, name="vl", model_id=str(vl), num_epochs=1)
     assert run.main([str(config)]) == 0
     assert not sentinel.exists()
 
     # text-only: a Qwen2 model (a class transformers has) whose config also maps to its own code
     text = tmp_path / "text_model"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                 eos_token_id=1026, pad_token_id=1024)).save_pretrained(text)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=1031,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            eos_token_id=1026,
+            pad_token_id=1024,
+        )
+    ).save_pretrained(text)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, text / name)
     _with_remote_code(text, sentinel, {"AutoConfig": "EvilConfig", "AutoModelForCausalLM": "Evil"})

@@ -32,9 +32,16 @@ def test_demo_trains_all_stages_resumes_and_eval_only_matches(tmp_path, tiny_mod
     assert all(m["val_loss"] > 0 and 0 <= m["accuracy"] <= 1 for m in history)
 
     # eval-only on the last checkpoint, at the same stage, reproduces the end-of-training eval
-    eval_config = demo_config(tmp_path, tiny_model_dir, name="eval", only_eval=True, resume=2,
-                              epochs_per_stage=1, max_latent_stage=2,
-                              load_model_path=str(save_dir / "checkpoint_3"))
+    eval_config = demo_config(
+        tmp_path,
+        tiny_model_dir,
+        name="eval",
+        only_eval=True,
+        resume=2,
+        epochs_per_stage=1,
+        max_latent_stage=2,
+        load_model_path=str(save_dir / "checkpoint_3"),
+    )
     result = trainer.run(run.load_config(eval_config))
     (only,) = result["epochs"]
     assert only["stage"] == 2
@@ -68,14 +75,25 @@ def test_cot_checkpoint_initialises_coconut(tmp_path, tiny_model_dir):
     assert run.main([str(cot)]) == 0
     cot_ckpt = tmp_path / "checkpoints" / "cot" / "checkpoint_1"
     # lr 0: the Coconut run's weights after one epoch must be exactly the CoT checkpoint's
-    cases = (("from_dir", cot_ckpt), ("from_file", tmp_path / "cot_state.pt"),
-             ("from_weights_file", cot_ckpt / "model" / "model.safetensors"))  # the file inside a checkpoint
+    cases = (
+        ("from_dir", cot_ckpt),
+        ("from_file", tmp_path / "cot_state.pt"),
+        ("from_weights_file", cot_ckpt / "model" / "model.safetensors"),
+    )  # the file inside a checkpoint
     for name, path in cases:
         if name == "from_file":  # a plain state dict as the original COCONUT saves it: wrapper prefix, torch.save
             model = AutoModelForImageTextToText.from_pretrained(cot_ckpt / "model")
             torch.save({f"base_causallm.{k}": v for k, v in model.state_dict().items()}, path)
-        coconut = demo_config(tmp_path, tiny_model_dir, name=name, load_model_path=str(path), resume=1,
-                              num_epochs=2, epochs_per_stage=1, lr=0.0)
+        coconut = demo_config(
+            tmp_path,
+            tiny_model_dir,
+            name=name,
+            load_model_path=str(path),
+            resume=1,
+            num_epochs=2,
+            epochs_per_stage=1,
+            lr=0.0,
+        )
         assert run.main([str(coconut)]) == 0
         history = metrics(tmp_path / "checkpoints" / name)
         assert [(m["epoch"], m["stage"]) for m in history] == [(2, 1)]

@@ -28,10 +28,22 @@ STEPS_PER_EPOCH = 12
 
 
 def logs_config(tmp_path: Path, tiny_model_dir: Path, **keys) -> Path:
-    """demo_config at batch 4 (the step counts above) and lr 2e-3 (the bar's text below), whatever args/demo.yaml ships."""
+    """demo_config at batch 4 (the step counts above) and lr 2e-3 (the bar's text below), whatever args/demo.yaml
+    ships."""
     return demo_config(tmp_path, tiny_model_dir, **{"batch_size_training": 4, "lr": 2e-3, **keys})
-STEP_KEYS = ["step", "epoch", "stage", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
-             "token_embedding_norm"]  # + "thought_norm" where thoughts are fed back
+
+
+STEP_KEYS = [
+    "step",
+    "epoch",
+    "stage",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "samples_per_s",
+    "token_embedding_norm",
+]  # + "thought_norm" where thoughts are fed back
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +74,7 @@ def summary(out: str, first: str) -> list[str]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(first))
     block = [lines[start]]
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("  "):
             break
         block.append(line)
@@ -70,8 +82,15 @@ def summary(out: str, first: str) -> list[str]:
 
 
 def test_a_run_summarises_itself_logs_every_step_and_draws_its_curves(tmp_path, tiny_model_dir, capsys, bars):
-    config = logs_config(tmp_path, tiny_model_dir, name="logs", num_epochs=2, epochs_per_stage=1, max_latent_stage=1,
-                         freeze_backbone=True)
+    config = logs_config(
+        tmp_path,
+        tiny_model_dir,
+        name="logs",
+        num_epochs=2,
+        epochs_per_stage=1,
+        max_latent_stage=1,
+        freeze_backbone=True,
+    )
     assert run.main([str(config)]) == 0
     save_dir = tmp_path / "checkpoints" / "logs"
     out, err = capsys.readouterr()
@@ -114,10 +133,15 @@ def test_a_run_summarises_itself_logs_every_step_and_draws_its_curves(tmp_path, 
     # the end: best epoch (the first of equals) and accuracy, where things are
     best = max(history, key=lambda m: m["accuracy"])
     end = summary(out, "done in ")
-    assert re.fullmatch(rf"done in 0:\d\d:\d\d: best accuracy {best['accuracy']:.4f} at epoch {best['epoch']} "
-                        rf"\(stage {best['stage']}\)(; last epoch 2: [\d.]+)?", end[0]), end[0]
-    assert end[1:] == [f"  checkpoints {save_dir}/ (2: checkpoint_1, checkpoint_2)",
-                       f"  results     metrics.jsonl, train_log.jsonl, curves.png, predictions/ in {save_dir}/"]
+    assert re.fullmatch(
+        rf"done in 0:\d\d:\d\d: best accuracy {best['accuracy']:.4f} at epoch {best['epoch']} "
+        rf"\(stage {best['stage']}\)(; last epoch 2: [\d.]+)?",
+        end[0],
+    ), end[0]
+    assert end[1:] == [
+        f"  checkpoints {save_dir}/ (2: checkpoint_1, checkpoint_2)",
+        f"  results     metrics.jsonl, train_log.jsonl, curves.png, predictions/ in {save_dir}/",
+    ]
     with Image.open(save_dir / "curves.png") as image:
         assert image.format == "PNG"
     assert "Loading weights" not in err and "Writing model shards" not in err  # transformers' own bars
@@ -178,8 +202,9 @@ def test_the_step_log_and_the_bar_continue_a_resumed_run(tmp_path, tiny_model_di
     assert "  steps       12 per epoch, 24 in all, 12 to go" in capsys.readouterr().out.splitlines()
 
 
-def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_table(tmp_path, tiny_model_dir,
-                                                                                      monkeypatch):
+def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_table(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     config = logs_config(tmp_path, tiny_model_dir, num_epochs=1, wandb_mode="offline")
@@ -190,16 +215,18 @@ def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_tab
     config.write_text(yaml.safe_dump(raw))
     assert run.main([str(config)]) == 0  # resumed from checkpoint_1
     run_id = (save_dir / "wandb_run_id").read_text().strip()
-    assert [(i["dir"], i["id"], i["resume"], i["mode"]) for i in fake.inits] == [(str(save_dir), run_id, "allow",
-                                                                                   "offline")] * 2
+    assert [(i["dir"], i["id"], i["resume"], i["mode"]) for i in fake.inits] == [
+        (str(save_dir), run_id, "allow", "offline")
+    ] * 2
     assert fake.finished == 2
     train = [step for step, record in fake.logged if "train/loss" in record]
     assert train == list(range(1, 25))
     tables = [(step, record["eval/generations"]) for step, record in fake.logged if "eval/generations" in record]
     assert [step for step, _ in tables] == [12, 24]
     for epoch, (_, table) in enumerate(tables, 1):
-        predictions = [json.loads(line) for line in
-                       (save_dir / "predictions" / f"epoch_{epoch}.jsonl").read_text().splitlines()]
+        predictions = [
+            json.loads(line) for line in (save_dir / "predictions" / f"epoch_{epoch}.jsonl").read_text().splitlines()
+        ]
         assert table.columns == ["question", "gold", "output", "answer"]
         assert table.data == [[p["question"], p["gold"], p["output"], p["answer"]] for p in predictions]  # 16 < 32
 
@@ -208,8 +235,10 @@ def test_wandb_lives_in_the_save_directory_with_one_run_id_and_a_generations_tab
     debug = logs_config(tmp_path, tiny_model_dir, name="debug", num_epochs=1, wandb_mode="offline", debug=True)
     assert run.main([str(debug)]) == 0
     assert fake.inits == []
-    assert not any((tmp_path / "checkpoints" / "debug" / name).exists()
-                   for name in ("train_log.jsonl", "curves.png", "wandb", "wandb_run_id"))
+    assert not any(
+        (tmp_path / "checkpoints" / "debug" / name).exists()
+        for name in ("train_log.jsonl", "curves.png", "wandb", "wandb_run_id")
+    )
 
 
 @pytest.mark.slow
@@ -248,5 +277,7 @@ def test_two_fsdp2_ranks_report_the_numbers_of_one_process(tmp_path, tiny_model_
     assert len(a) == len(b) == 6
     for key in ("loss", "grad_norm"):
         assert [s[key] for s in b] == pytest.approx([s[key] for s in a], rel=1e-4), key
-    assert all(abs(sa["samples_per_s"] / sa["tokens_per_s"] - sb["samples_per_s"] / sb["tokens_per_s"]) < 1e-9
-               for sa, sb in zip(a, b))  # both count every rank's tokens and samples of the step
+    assert all(
+        abs(sa["samples_per_s"] / sa["tokens_per_s"] - sb["samples_per_s"] / sb["tokens_per_s"]) < 1e-9
+        for sa, sb in zip(a, b)
+    )  # both count every rank's tokens and samples of the step

@@ -9,8 +9,16 @@ from utils import ConfigError, config_from_dict
 
 
 def _config():
-    return config_from_dict({"model_id": "m", "train_path": "t", "val_path": "v", "coconut": True, "c_thought": 2,
-                             "prompt_format": "internvl2_5"})
+    return config_from_dict(
+        {
+            "model_id": "m",
+            "train_path": "t",
+            "val_path": "v",
+            "coconut": True,
+            "c_thought": 2,
+            "prompt_format": "internvl2_5",
+        }
+    )
 
 
 def test_round_trip(tmp_path):
@@ -25,9 +33,16 @@ def test_absent_is_none(tmp_path):
     assert read_saved_run(tmp_path) is None
 
 
-@pytest.mark.parametrize("text", ["config: [", "config: {}\n", "epoch: 1\n",
-                                  "config: {model_id: m, val_path: v, only_eval: true, load_model_path: x}\n"
-                                  "epoch: -1\nstage: 0\nlatent_token_ids: {start: 1, latent: 2, end: 3}\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "config: [",
+        "config: {}\n",
+        "epoch: 1\n",
+        "config: {model_id: m, val_path: v, only_eval: true, load_model_path: x}\n"
+        "epoch: -1\nstage: 0\nlatent_token_ids: {start: 1, latent: 2, end: 3}\n",
+    ],
+)
 def test_damaged_record_names_the_file(tmp_path, text):
     (tmp_path / SAVED_RUN_FILE).write_text(text)
     with pytest.raises(ConfigError, match=str(tmp_path / SAVED_RUN_FILE)):

@@ -42,16 +42,19 @@ from utils import config_from_dict
 
 
 # --- the rules on text ------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("The sum is 5.\n### 5", "5"),
-    ("### 1,234,567", "1234567"),  # commas removed
-    ("# 3 ## 4 ### 5", "5"),  # several '#': the text after the last one
-    ("###   7  \n", "7"),  # whitespace stripped
-    ("### Red", "Red"),  # case kept
-    ("How many?\n5", "How many?\n5"),  # no '#': the whole text (prompt included), stripped
-    ("What is 2 # 3?\n5", "3?\n5"),  # a '#' in the prompt: the text after it
-    ("5 ###", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The sum is 5.\n### 5", "5"),
+        ("### 1,234,567", "1234567"),  # commas removed
+        ("# 3 ## 4 ### 5", "5"),  # several '#': the text after the last one
+        ("###   7  \n", "7"),  # whitespace stripped
+        ("### Red", "Red"),  # case kept
+        ("How many?\n5", "How many?\n5"),  # no '#': the whole text (prompt included), stripped
+        ("What is 2 # 3?\n5", "3?\n5"),  # a '#' in the prompt: the text after it
+        ("5 ###", ""),
+    ],
+)
 def test_answer_is_the_text_after_the_last_hash_without_commas(text, expected):
     assert extract_answer(text) == expected
 
@@ -76,8 +79,11 @@ def test_original_cot_drops_the_first_line_and_stops_at_the_first_hash():
 def test_decoding_keeps_the_latent_markers_and_skips_other_special_tokens(tiny_model_dir):
     tokenizer, ids = _tokenizer_with_markers(tiny_model_dir)
     t = tokenizer.convert_tokens_to_ids
-    prompt = ([t("<|im_start|>"), t("<img>"), t("<IMG_CONTEXT>"), t("</img>")] + tokenizer.encode("Q?\n")
-              + [ids.start, ids.latent, ids.latent, ids.end])
+    prompt = (
+        [t("<|im_start|>"), t("<img>"), t("<IMG_CONTEXT>"), t("</img>")]
+        + tokenizer.encode("Q?\n")
+        + [ids.start, ids.latent, ids.latent, ids.end]
+    )
     new = tokenizer.encode("a\n### 5") + [tokenizer.eos_token_id] + tokenizer.encode("after eos")
     text = decode_as_original(tokenizer, prompt, new, tokenizer.eos_token_id, {ids.start, ids.latent, ids.end})
     assert text == "Q?\n<|start-latent|><|latent|><|latent|><|end-latent|>a\n### 5"
@@ -112,8 +118,10 @@ class EmittingModel(nn.Module):
 
     def generate(self, batch, max_new_tokens, thought_top_k):
         input_ids = batch.input_ids
-        rows = [self.tokenizer.encode(self.outputs[tuple(i[m.bool()].tolist())]) + [self.eos_token_id]
-                for i, m in zip(input_ids, batch.attention_mask)]
+        rows = [
+            self.tokenizer.encode(self.outputs[tuple(i[m.bool()].tolist())]) + [self.eos_token_id]
+            for i, m in zip(input_ids, batch.attention_mask)
+        ]
         width = max(map(len, rows))
         tokens = torch.tensor([r + [self.pad_token_id] * (width - len(r)) for r in rows])
         counts = (input_ids == self.latent_token_id).sum(1)
@@ -130,8 +138,17 @@ def _tokenizer_with_markers(tiny_model_dir):
 
 
 def _config(**keys):
-    return config_from_dict({"model_id": "m", "train_path": "t", "val_path": "v", "num_workers": 0,
-                             "batch_size_eval": 4, "max_new_tokens": 16, **keys})
+    return config_from_dict(
+        {
+            "model_id": "m",
+            "train_path": "t",
+            "val_path": "v",
+            "num_workers": 0,
+            "batch_size_eval": 4,
+            "max_new_tokens": 16,
+            **keys,
+        }
+    )
 
 
 def _evaluate(tiny_model_dir, records, emitted, stage, **keys):
@@ -141,8 +158,9 @@ def _evaluate(tiny_model_dir, records, emitted, stage, **keys):
     outputs = {tuple(q["input_ids"]): text for q, text in zip(questions, emitted)}
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     model, collate = EmittingModel(tokenizer, ids, outputs), MyCollator(tokenizer.pad_token_id, ids.latent)
-    return generation_accuracy(model, questions, collate, records, tokenizer, info, config, stage,
-                               contextlib.nullcontext, top_k=2)
+    return generation_accuracy(
+        model, questions, collate, records, tokenizer, info, config, stage, contextlib.nullcontext, top_k=2
+    )
 
 
 def test_generation_accuracy_scores_emitted_tokens_as_the_original(tiny_model_dir):

@@ -346,8 +346,16 @@ def test_decompression_bomb(tmp_path, monkeypatch, side, reader):
 
 @pytest.mark.parametrize(
     "name, options",
-    [("a.png", {}), ("a.jpg", {"quality": 90}), ("p.jpg", {"progressive": True}), ("a.gif", {}),
-     ("a.tif", {}), ("a.webp", {}), ("gray.jpg", {"mode": "L"}), ("cmyk.jpg", {"mode": "CMYK"})],
+    [
+        ("a.png", {}),
+        ("a.jpg", {"quality": 90}),
+        ("p.jpg", {"progressive": True}),
+        ("a.gif", {}),
+        ("a.tif", {}),
+        ("a.webp", {}),
+        ("gray.jpg", {"mode": "L"}),
+        ("cmyk.jpg", {"mode": "CMYK"}),
+    ],
 )
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_decoded_size_is_the_loaded_size(tmp_path, name, options, orientation):

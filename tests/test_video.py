@@ -187,8 +187,11 @@ def test_video_tiles_tile_each_wide_frame(tmp_path, processor):
 
 
 def test_record_num_frames_overrides_config(tmp_path, processor):
-    records = [record("train/clip.mp4", num_frames=3), record("train/clip.mp4"),
-               record("train/clip.mp4", num_frames=30)]
+    records = [
+        record("train/clip.mp4", num_frames=3),
+        record("train/clip.mp4"),
+        record("train/clip.mp4", num_frames=30),
+    ]
     path, image_dir = write_data(tmp_path, records, {"clip.mp4": (64, 48)})
     config = cfg(image_dir, num_frames=5)
     tok, tokens = processor.tokenizer, ImageTokens.from_processor(processor)
@@ -197,8 +200,38 @@ def test_record_num_frames_overrides_config(tmp_path, processor):
     assert [v.frame for v in media[1]] == INTERNVL_FRAMES[5]
     # more frames asked than the video has: some repeat, as in InternVL's get_index (seg 19 / 30), and
     # the prompt, the tokens and the pixels agree on all 30
-    assert [v.frame for v in media[2]] == [0, 1, 1, 2, 3, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9,
-                                           10, 10, 11, 11, 12, 13, 13, 14, 15, 15, 16, 16, 17, 18, 18]
+    assert [v.frame for v in media[2]] == [
+        0,
+        1,
+        1,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        6,
+        6,
+        7,
+        8,
+        8,
+        9,
+        10,
+        10,
+        11,
+        11,
+        12,
+        13,
+        13,
+        14,
+        15,
+        15,
+        16,
+        16,
+        17,
+        18,
+        18,
+    ]
     dataset = MultimodalDataset(samples, media, config, str(path))
     for i, n in enumerate([3, 5, 30]):
         ids = samples[i]["question_tokenized"]

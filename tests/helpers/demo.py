@@ -17,15 +17,22 @@ BASELINE = "0.287"  # the demo set's text-only baseline: 43 of its 150 val recor
 
 def run_demo(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python demo.py [KEY=VALUE ...]` with cwd as the user's directory (relative paths land there)."""
-    return subprocess.run([sys.executable, str(REPO / "demo.py"), *overrides], cwd=cwd, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "demo.py"), *overrides],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def parse_demo(stdout: str) -> dict:
     """The demo's own lines: commands run, baseline, per-epoch evals, the summary, the --infer reply."""
     lines = stdout.splitlines()
-    summary = re.search(r"^demo: val accuracy ([\d.]+) after epoch (\d+) \(stage (\d+)\); text-only baseline ([\d.]+)$",
-                        stdout, re.M)
+    summary = re.search(
+        r"^demo: val accuracy ([\d.]+) after epoch (\d+) \(stage (\d+)\); text-only baseline ([\d.]+)$", stdout, re.M
+    )
     assert summary, stdout[-3000:]
     infer = next(shlex.split(line[2:]) for line in lines if line.startswith("$ python run.py --infer "))
     reply_start = lines.index(next(line for line in lines if line.startswith("question: ")))
@@ -36,7 +43,10 @@ def parse_demo(stdout: str) -> dict:
         "built": [line for line in lines if line.startswith("built ")],
         "baseline_line": next(line for line in lines if line.startswith("text-only baseline: ")),
         "evals": [line for line in lines if line.startswith("[eval] ")],
-        "accuracy": summary[1], "epoch": int(summary[2]), "stage": int(summary[3]), "baseline": summary[4],
+        "accuracy": summary[1],
+        "epoch": int(summary[2]),
+        "stage": int(summary[3]),
+        "baseline": summary[4],
         "infer": dict(zip(infer[2::2], infer[3::2])),  # python run.py --infer CKPT --image P --question Q --top-k K
         "thoughts": [line for line in lines[reply_start:] if line.startswith("thought ")],
         "reply": reply,

@@ -96,8 +96,6 @@ def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """Smooth gradient plus noise: exercises interpolation without being pure noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack(
-        [xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1
-    )
+    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1)
     noisy = base + rng.normal(0, 20, base.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")

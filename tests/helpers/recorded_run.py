@@ -19,8 +19,11 @@ def recorded_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch, name: str, *
     """A run in this process with install_recorder's record: per step, gradients and logged loss."""
     record = {"clipped": [], "unclipped": [], "losses": []}
     with monkeypatch.context() as patch:
-        for module, attribute in ((torch.nn.utils, "clip_grad_norm_"), (torch.optim.AdamW, "step"),
-                                  (trainer, "_init_wandb")):
+        for module, attribute in (
+            (torch.nn.utils, "clip_grad_norm_"),
+            (torch.optim.AdamW, "step"),
+            (trainer, "_init_wandb"),
+        ):
             patch.setattr(module, attribute, getattr(module, attribute))  # undone on leaving
         install_recorder(record)
         config = demo_config(tmp_path, tiny_model_dir, name=name, **{**ACCUMULATION, **keys})

@@ -24,13 +24,27 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def torchrun(config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None,
-             args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def torchrun(
+    config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """run.py CONFIG under `torchrun --standalone --nproc_per_node nproc` (gloo on CPU), output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         str(REPO / "run.py"), str(config), *args],
-        cwd=REPO, env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(REPO / "run.py"),
+            str(config),
+            *args,
+        ],
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -54,8 +68,16 @@ def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overr
 def mm_config(image_dir: Path, **keys) -> Config:
     """A multimodal Config for data-path tests: tiny-model tiles (56 px, up to 6), given image_dir."""
     return config_from_dict(
-        {"multimodal": True, "model_id": "m", "train_path": "t", "val_path": "v", "image_dir": str(image_dir),
-         "image_size": 56, "max_tiles": 6, **keys}
+        {
+            "multimodal": True,
+            "model_id": "m",
+            "train_path": "t",
+            "val_path": "v",
+            "image_dir": str(image_dir),
+            "image_size": 56,
+            "max_tiles": 6,
+            **keys,
+        }
     )
 
 

@@ -14,8 +14,15 @@ VOCAB, START, LATENT, END, EOS, PAD = 64, 60, 61, 62, 63, 0
 def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
     return Qwen2ForCausalLM(cfg).float().eval()
@@ -61,7 +68,9 @@ def prompts() -> list[dict]:
     for q, n in (([5, 6, 7], 3), ([5, 6, 7, 8, 9, 13], 1), ([20, 21], 2), ([30, 31, 32, 33], 0)):
         latent = [START] + [LATENT] * n + [END] if n else []
         ids = q + latent
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": 0})
+        out.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "position_ids": list(range(len(ids))), "idx": 0}
+        )
     return out
 
 

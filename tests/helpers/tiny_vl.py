@@ -35,7 +35,7 @@ def mixed(tok, ids, image_tokens):
 
 def prompt(tok, ids, image_tokens, n_tiles, n_latent, question, markers=True):
     s = make_sample(tok, ids, image_tokens, n_tiles, n_latent, question, "x", markers)
-    cut = s["labels"].index(next(l for l in s["labels"] if l != -100))
+    cut = s["labels"].index(next(label for label in s["labels"] if label != -100))
     for key in ("input_ids", "attention_mask", "position_ids"):
         s[key] = s[key][:cut]
     del s["labels"]
