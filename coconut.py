@@ -377,6 +377,10 @@ class Coconut(nn.Module):
     ) -> Outputs:
         """Loss of a batch (with labels) with its latents filled in; see the module docstring.
 
+        batch: input_ids, attention_mask, position_ids, labels (B, L); pixel_values (T, 3, S, S) for the
+        T tiles of the batch's images, in sample order, num_patches (B,) tiles per sample. Returns Outputs:
+        loss () (a mean, or a sum over num_items_in_batch), num_label_tokens (), logits (B, L, V) on request.
+
         num_items_in_batch, when given, divides the summed token loss instead of this batch's own
         label count (global normalisation across ranks and accumulation steps).
         """

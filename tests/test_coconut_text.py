@@ -40,7 +40,7 @@ from tests.latent_reference import reference_forward
 )
 def test_forward_loss_and_grads_equal_reference(compile_mode, checkpointing):
     """Loss, logits and every gradient equal recomputing from scratch, eager or compiled
-    (compile_latent_passes: one graph for every pass and batch; on the CPU, reduce-overhead
+    (compile_latent_passes: the first pass's graph and one for every later pass and batch; on the CPU, reduce-overhead
     compiles the same graph without CUDA graphs)."""
     from torch._dynamo.utils import counters
 
