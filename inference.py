@@ -2,7 +2,7 @@
 
     from inference import Inference
 
-    model = Inference.load("checkpoints/demo/checkpoint_12")        # a checkpoint, its model/, or an export
+    model = Inference.load("checkpoints/demo/checkpoint_9")        # a checkpoint, its model/, or an export
     reply = model.ask("what color is the shape?", images=["shape.png"])
     reply["answer"], reply["output"], reply["latents"], reply["thoughts"]
 
