@@ -31,8 +31,8 @@ def test_original_keys_keep_their_meaning():
 
 
 def test_max_new_tokens_defaults_to_the_originals_rule():
-    """The original's run.py (main, before training) decodes 64 new tokens when "gsm" is in val_path, 128
-    otherwise; it has no key for it. A given value stays."""
+    """The original's run.py 213-216: 64 new tokens when "gsm" is in val_path, 128 otherwise; it has no key
+    for it. A given value stays."""
     assert config_from_dict({**BASE, "val_path": "data/gsm_valid.json"}).max_new_tokens == 64
     assert config_from_dict({**BASE, "val_path": "data/prontoqa_valid.json"}).max_new_tokens == 128
     assert config_from_dict({**BASE, "val_path": "data/gsm_valid.json", "max_new_tokens": 200}).max_new_tokens == 200

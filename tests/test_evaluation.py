@@ -16,7 +16,7 @@ from tests.latent_reference import reference_forward
 
 
 def test_validation_loss_is_the_token_mean_over_the_whole_set():
-    """The original's run.py (main, the "val loss" block after each epoch's training) adds each batch's mean
+    """The original's run.py (main, the block under `# val loss` after each epoch's training) adds each batch's mean
     loss, all-reduced and divided by the world size, and divides by the number of batches: a mean of batch
     means. Here every label token weighs the same, whatever batch it falls in. Three samples with 2, 6 and
     3 label tokens in batches of 2 tell the two apart; the reference recomputes each sample alone from
