@@ -33,7 +33,7 @@ from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
 from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, weights
-from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, grads, mixed_batch, tiny_lm
+from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch, tiny_lm
 from tests.helpers.tiny_vl import mixed
 from tests.latent_reference import reference_forward
 from utils import ConfigError, config_from_dict
@@ -113,12 +113,9 @@ def test_lora_coconut_equals_the_merged_models_coconut_and_the_from_scratch_refe
     )
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    ref = grads(model)
-    assert got.keys() == ref.keys()
-    for name, value in ref.items():
-        # fp32 rounding of two summation orders (the copy-free latent passes add prefix and latents apart):
-        # up to ~2e-6 of a tensor's largest gradient on its smallest elements; a wrong term is ~1 of it
-        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()), msg=name)
+    # fp32 rounding of two summation orders (the copy-free latent passes add prefix and latents apart):
+    # up to ~2e-6 of a tensor's largest gradient on its smallest elements; a wrong term is ~1 of it
+    assert_close_grads(got, grads(model), atol_of_max=1e-5)
 
     merged_out = coconut(merged, processor, ids)(batch)
     merged_out.loss.backward()
@@ -175,12 +172,7 @@ def test_a_text_only_lm_gets_the_same_adapters_and_rows(tied):
     )
     ref_loss.backward()
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
-    ref = grads(model)
-    assert got.keys() == ref.keys()
-    for name, value in ref.items():
-        # fp32 rounding of two summation orders (the copy-free latent passes add prefix and latents apart):
-        # up to ~2e-6 of a tensor's largest gradient on its smallest elements; a wrong term is ~1 of it
-        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()), msg=name)
+    assert_close_grads(got, grads(model))
     assert {n for n in got if not n.startswith("model.layers.")} == (
         {"model.embed_tokens.rows"} if tied else {"model.embed_tokens.rows", "lm_head.rows"}
     )

@@ -56,10 +56,13 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_close_grads(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+def assert_close_grads(a: dict, b: dict, rtol: float = 1e-4, atol: float = 1e-6, atol_of_max: float = 0.0) -> None:
+    """Every gradient close; atol_of_max adds that fraction of each reference tensor's largest magnitude
+    to atol (where fp32 rounding of another summation order scales with the tensor)."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+        tol = atol + atol_of_max * float(b[name].abs().max())
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=tol, msg=name)
 
 
 def prompts() -> list[dict]:
