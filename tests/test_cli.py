@@ -398,7 +398,11 @@ def test_requirements_list_every_third_party_import():
             where = "requirements.txt or requirements-test.txt" if is_test else "requirements.txt"
             assert listed, f"{path.relative_to(REPO)} imports {module} (package {package}), not in {where}"
     assert {"numpy", "huggingface-hub", "torch", "transformers", "pyyaml"} <= runtime.keys()
-    unused = sorted((runtime.keys() | test_only.keys()) - used.keys())
+    # command-line tools ("tool: ..." comments) are run, not imported: README's test command must run them
+    tools = {p for p, comment in test_only.items() if comment.startswith("tool:")}
+    test_command = (REPO / "README.md").read_text().split("# 2. install and run the tests\n", 1)[1].splitlines()[0]
+    assert all(f"{tool} " in test_command for tool in tools), (tools, test_command)
+    unused = sorted((runtime.keys() | test_only.keys()) - used.keys() - tools)
     assert not unused, f"listed but imported nowhere: {unused}"
 
 
