@@ -23,7 +23,7 @@ import yaml
 
 import atomic
 import run
-from tests.helpers.runs import REPO, demo_config, subprocess_env
+from tests.helpers.runs import REPO, demo_config, launch, save_text_model, subprocess_env
 from utils import Config, config_from_dict, load_config
 
 HUB_ID = "nobody/never-loaded"  # a model_id the refusals below never get as far as loading
@@ -284,24 +284,8 @@ def test_remote_code_never_runs_or_prompts_unless_trusted(tmp_path, tiny_model_d
     transformers would ask on stdin, and "y" would run it. It must neither ask nor run; the run stops with
     one line saying which key opts in."""
     import transformers.dynamic_module_utils as dynamic
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    model = tmp_path / "text_model"
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=1031,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-            eos_token_id=1026,
-            pad_token_id=1024,
-        )
-    ).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, model / name)
+    model = save_text_model(tmp_path / "text_model", tiny_model_dir)
     sentinel = tmp_path / "remote_code_ran"
     (model / "evil.py").write_text(EVIL_CODE.format(sentinel=str(sentinel)))
     for name, auto_map in (
@@ -432,30 +416,10 @@ def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
 # --- torchrun -----------------------------------------------------------------------------------
 
 
-def _torchrun(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "run.py"),
-            *map(str, args),
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.slow
 def test_every_rank_refuses_a_bad_override_under_torchrun(tmp_path):
     config = config_file(tmp_path)
-    result = _torchrun(config, "max_grad_norm=.nan")
+    result = launch(REPO / "run.py", config, "max_grad_norm=.nan", timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]  # one per rank
     assert all(f"{config}: override 'max_grad_norm=.nan': key 'max_grad_norm'" in line for line in errors)
@@ -469,7 +433,7 @@ def test_overrides_apply_on_every_rank_under_torchrun(tmp_path, tiny_model_dir):
     config = demo_config(
         tmp_path, tiny_model_dir, compile_latent_passes="reduce-overhead", num_epochs=5, batch_size_training=2
     )
-    result = _torchrun(config, "compile_latent_passes=null", "num_epochs=1", "name=over")
+    result = launch(REPO / "run.py", config, "compile_latent_passes=null", "num_epochs=1", "name=over", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = tmp_path / "checkpoints"
     assert sorted(p.name for p in runs.iterdir()) == ["over"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import run
-from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, torchrun, weights
+from tests.helpers.runs import demo_config, launch, metrics, torchrun, weights
 
 # Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
 # receive only rounding noise, which Adam's normalisation turns into full-size random steps.
@@ -43,26 +41,7 @@ def test_two_ranks_match_one_rank_on_the_global_batch(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def worker() -> dict:
     """tests/fsdp_worker.py's checks in one 2-rank torchrun; their JSON results by check."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "tests.fsdp_worker",
-            "collectives",
-            "fresh_optimizer",
-            "compiled",
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = launch("-m", "tests.fsdp_worker", "collectives", "fresh_optimizer", "compiled", timeout=300)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

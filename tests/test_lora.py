@@ -32,7 +32,7 @@ from lora import apply_lora
 from model_setup import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
-from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, torchrun, weights
 from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch, tiny_lm
 from tests.helpers.tiny_vl import mixed
 from tests.latent_reference import reference_forward
@@ -432,23 +432,7 @@ def test_lora_on_two_fsdp_ranks_matches_one_rank_on_the_global_batch(tmp_path, t
     one = demo_config(tmp_path, tiny_model_dir, name="one", batch_size_training=8, **keys)
     two = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=4, **keys)
     assert run.main([str(one)]) == 0
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "run.py"),
-            str(two),
-        ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = torchrun(two, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     for ma, mb in zip(
         metrics(tmp_path / "checkpoints" / "one"), metrics(tmp_path / "checkpoints" / "two"), strict=True

@@ -32,7 +32,7 @@ import preemption
 import run
 import trainer
 from tests.helpers.recorded_run import assert_same_steps, recorded_run
-from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, launch, metrics, subprocess_env, weights
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).
@@ -442,26 +442,9 @@ def test_a_hard_kill_at_any_file_write_of_a_save_leaves_no_incomplete_checkpoint
 # --- two ranks ---------------------------------------------------------------------------------
 
 
-def torchrun(config: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+def torchrun(config: Path, **env: str) -> subprocess.CompletedProcess:
     """tests/instrumented_run.py under a 2-rank torchrun, with its FAULT or RECORD variables."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "tests.instrumented_run",
-            str(config),
-        ],
-        cwd=REPO,
-        env={**subprocess_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return launch("-m", "tests.instrumented_run", config, timeout=300, env=env)
 
 
 @pytest.mark.slow

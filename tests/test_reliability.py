@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -27,14 +25,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForImageTextToText
 
 import atomic
 import checkpoint as ckpt
 import model_setup
 import run
 import trainer
-from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, launch, metrics, save_text_model, subprocess_env, weights
 
 DEMO = REPO / "data" / "demo"
 # num_workers 0: one process, so a run is bit-for-bit reproducible (the fault tests compare exactly)
@@ -625,23 +623,7 @@ def test_a_failing_rank_stops_the_other_in_bounded_time(tmp_path, tiny_model_dir
     wrapper.write_text(RANK_1_FAILS.format(repo=str(REPO), how=how, action=action))
     config = demo_config(tmp_path, tiny_model_dir, name=how, dist_timeout_s=10, batch_size_training=4, num_epochs=1)
     start = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(wrapper),
-            str(config),
-        ],
-        cwd=REPO,
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = launch(wrapper, config, timeout=180)
     elapsed = time.monotonic() - start
     assert f"rank 1: {how} after its first optimizer step" in result.stderr, result.stderr[-3000:]
     assert result.returncode != 0 and evidence in result.stderr, result.stderr[-3000:]
@@ -687,22 +669,7 @@ def test_a_models_own_code_runs_only_when_the_config_opts_in(tmp_path, tiny_mode
     assert not sentinel.exists()
 
     # text-only: a Qwen2 model (a class transformers has) whose config also maps to its own code
-    text = tmp_path / "text_model"
-    Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=1031,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-            eos_token_id=1026,
-            pad_token_id=1024,
-        )
-    ).save_pretrained(text)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, text / name)
+    text = save_text_model(tmp_path / "text_model", tiny_model_dir)
     _with_remote_code(text, sentinel, {"AutoConfig": "EvilConfig", "AutoModelForCausalLM": "Evil"})
     records = [{k: v for k, v in r.items() if k != "image"} for r in json.loads((DEMO / "val.json").read_text())]
     data = tmp_path / "text.json"

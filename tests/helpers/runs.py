@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,28 +25,48 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def torchrun(
-    config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+def save_text_model(path: Path, tiny_model_dir: Path) -> Path:
+    """A one-layer Qwen2 causal LM (a class transformers has) saved at path with the tiny model's tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=1031,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=1026,
+        pad_token_id=1024,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, path / name)
+    return path
+
+
+def launch(
+    *program: object, nproc: int = 2, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """run.py CONFIG under `torchrun --standalone --nproc_per_node nproc` (gloo on CPU), output captured."""
+    """`torchrun --standalone --nproc_per_node nproc PROGRAM...` (gloo on CPU), output captured. PROGRAM is a
+    script and its arguments, or "-m", a module and its arguments."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            str(REPO / "run.py"),
-            str(config),
-            *args,
-        ],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        + [str(x) for x in program],
         cwd=REPO,
         env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def torchrun(
+    config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """run.py CONFIG [ARGS] under torchrun (launch)."""
+    return launch(REPO / "run.py", config, *args, nproc=nproc, timeout=timeout, env=env)
 
 
 def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overrides) -> Path:
