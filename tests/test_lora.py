@@ -40,6 +40,16 @@ from utils import ConfigError, config_from_dict
 
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)
 SCALING = 2.0  # InternVL's lora_alpha = 2 × rank, for every rank
+# InternVL's default LLM LoRA targets (wrap_llm_lora in its model code), spelled out here
+INTERNVL_LLM_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.down_proj",
+    "mlp.up_proj",
+)
 
 
 def _model(tiny_model_dir, **keys):
@@ -197,15 +207,7 @@ def test_trainable_parts_follow_internvl_and_the_freeze_flags(tiny_model_dir):
     assert {n for n in trainable if "lora_" in n} == {
         f"model.language_model.layers.{i}.{m}.lora_{ab}.default.weight"
         for i in (0, 1)
-        for m in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.down_proj",
-            "mlp.up_proj",
-        )
+        for m in INTERNVL_LLM_TARGETS
         for ab in "AB"
     }
     assert "model.multi_modal_projector.linear_1.weight" in trainable
@@ -281,15 +283,7 @@ def test_lora_keys_are_checked_like_every_key():
             config_from_dict({**base, **keys})
     config = config_from_dict({**base, "use_llm_lora": 16})
     assert config.llm_lora_alpha is None and config.lora_dropout == 0.05  # InternVL's: alpha 2 × rank, dropout 0.05
-    assert config.llm_lora_target_modules == [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.down_proj",
-        "mlp.up_proj",
-    ]
+    assert config.llm_lora_target_modules == list(INTERNVL_LLM_TARGETS)
 
 
 def test_without_peft_a_lora_key_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
