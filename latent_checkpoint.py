@@ -12,7 +12,6 @@ latent passes the past K/V are the prefix and the latents, in two parts (decoder
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -49,24 +48,28 @@ def _checkpointed_forward(
         return forward(hidden_states, *args, **kwargs)
     config, name = attention.config, attention.config._attn_implementation
 
-    def forward_attention() -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-        return contextlib.nullcontext(), attention_implementation(config, name)
+    def under_forward_attention(*call_args: Any, **call_kwargs: Any) -> Any:
+        # The recomputation in backward must run the attention function this forward ran (the
+        # switch is undone by then). Traced, the graph holds it already, and dynamo takes no
+        # context_fn; but a release whose layers break the graph recomputes eagerly even then
+        # (transformers 5.25), so the switch is made inside the checkpointed function itself.
+        if torch.compiler.is_compiling():
+            return forward(*call_args, **call_kwargs)
+        with attention_implementation(config, name):
+            return forward(*call_args, **call_kwargs)
 
-    # Compiled, the recomputation is part of the traced graph, which holds the forward's attention
-    # already (and dynamo accepts no context_fn here).
-    contexts = {} if torch.compiler.is_compiling() else {"context_fn": forward_attention}
     shared = kwargs.get(cache_kw)
     if shared is None:
-        return checkpoint(forward, hidden_states, *args, use_reentrant=False, **contexts, **kwargs)
+        return checkpoint(under_forward_attention, hidden_states, *args, use_reentrant=False, **kwargs)
     layer_idx = attention.layer_idx
     past_keys, past_values = shared.past(layer_idx) if isinstance(shared, LatentKV) else layer_past(shared, layer_idx)
 
     def run(h: torch.Tensor, pk: PastKV, pv: PastKV) -> tuple[Any, torch.Tensor, torch.Tensor]:
         local = _OneLayerCache(pk, pv)
-        out = forward(h, *args, **{**kwargs, cache_kw: local})
+        out = under_forward_attention(h, *args, **{**kwargs, cache_kw: local})
         return out, local.new_keys, local.new_values
 
-    out, new_keys, new_values = checkpoint(run, hidden_states, past_keys, past_values, use_reentrant=False, **contexts)
+    out, new_keys, new_values = checkpoint(run, hidden_states, past_keys, past_values, use_reentrant=False)
     shared.update(new_keys, new_values, layer_idx)
     return out
 
