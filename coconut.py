@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from dataset import Batch, LatentLayoutError
-from decoder_steps import (
+from modeling.decoder_steps import (
     CacheGreedyDecoder,
     GreedyDecoder,
     LatentStepper,
@@ -30,7 +30,7 @@ from decoder_steps import (
     StaticGreedyDecoder,
     capture_cuda_graph,
 )
-from hf_compat import cache_keyword
+from modeling.hf_compat import cache_keyword
 
 IGNORE_INDEX = -100
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
-from errors import DataError  # defined there so that run.py refuses bad input before torch loads
-from utils import Config
+from utils import (
+    Config,
+    DataError,  # defined there so that run.py refuses bad input before torch loads
+)
 
 IGNORE_INDEX = -100
 

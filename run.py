@@ -16,8 +16,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from errors import USER_ERRORS
-from utils import TINY_PREFIX, Config, Origin, check_launch, check_paths, load_config
+from utils import TINY_PREFIX, USER_ERRORS, Config, Origin, check_launch, check_paths, load_config
 
 __all__ = ["USER_ERRORS", "load_config", "main", "one_line"]
 
@@ -50,14 +49,14 @@ def train_mode(args: argparse.Namespace) -> int:
     check_paths(config, origin)
     check_launch(config, origin)
     maybe_build_demo_model(config)
-    from trainer import run  # heavy imports only after the config is known to be good
+    from training.trainer import run  # heavy imports only after the config is known to be good
 
     run(config)
     return 0
 
 
 def export_mode(args: argparse.Namespace) -> int:
-    from export import export_checkpoint
+    from deploy.export import export_checkpoint
 
     print(export_checkpoint(*args.export, dtype=args.dtype))
     return 0
@@ -70,7 +69,7 @@ FLAG_MODES: dict[str, Callable[[argparse.Namespace], int]] = {"export": export_m
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--infer" in argv:  # inference has options of its own
-        from inference import cli
+        from deploy.inference import cli
 
         return cli(argv)
     parser = build_parser()

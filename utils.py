@@ -21,7 +21,25 @@ from typing import Any, Literal
 
 import yaml
 
-from errors import ConfigError
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the file (or override) and key it concerns."""
+
+
+class DataError(ValueError):
+    """A problem with an input file, reported with its path, record index and key."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read, named with its path."""
+
+
+class ModelSetupError(ValueError):
+    """A model, tokenizer or checkpoint that does not fit the run."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError)
+
 
 DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"
 METHOD_KEYS = ("coconut", "cot", "no_thoughts", "no_cot")

@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import plots
 import run
-import trainer
+from training import plots, trainer
 
 
 def timed(owner: Any, name: str, into: list[float]) -> None:

@@ -29,10 +29,9 @@ from transformers import (
     Qwen2Tokenizer,
 )
 
-import atomic
-from errors import ModelSetupError
 from multimodal.internvl import internvl_processor
-from utils import is_local_model_path
+from storage import atomic
+from utils import ModelSetupError, is_local_model_path
 
 ORIGINAL_MODEL_TYPE = "internvl_chat"
 MARKER_FILE = "coconut_conversion.json"

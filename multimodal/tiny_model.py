@@ -33,8 +33,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import atomic
 from multimodal.internvl import internvl3_config, internvl_processor
+from storage import atomic
 
 # Qwen2/Qwen2.5 pre-tokenizer (single digits, no 1-3 digit groups); both tokenizers use it.
 QWEN2_PRETOKENIZE_REGEX = (

@@ -22,7 +22,7 @@ import io
 import shutil
 from pathlib import Path
 
-import atomic
+from storage import atomic
 
 DEMO_DIR = Path("data/easy_vqa_demo")
 DEMO_LIMITS = {"train": 2000, "val": 150}

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import run
-import trainer
+from tests.helpers.instrumented_run import install_recorder
 from tests.helpers.runs import demo_config
-from tests.instrumented_run import install_recorder
+from training import trainer
 
 ACCUMULATION = dict(num_epochs=1, epochs_per_stage=1, lr=0.0, max_grad_norm=0.5, num_workers=0)  # lr 0: fixed weights
 

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from saved_run import SavedRun, read_saved_run, write_saved_run
+from storage.saved_run import SavedRun, read_saved_run, write_saved_run
 from utils import Config, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]

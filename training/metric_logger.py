@@ -1,0 +1,172 @@
+"""Where a run's metrics go: one interface in front of a JSON-lines file, wandb and the console.
+
+The trainer calls log / log_table / close (torchtune's metric-logger shape) whatever is behind
+them. Metric names are "namespace/key" ("train/loss", "eval/accuracy"): the JSON-lines file keeps
+one namespace, the console shows "train" on the progress bar and prints the others as lines.
+Rank 0 holds the loggers; the other ranks, and debug runs apart from the console, hold none.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from storage import checkpoints as ckpt
+
+WANDB_ID_FILE = "wandb_run_id"  # in save_path/name: a resumed run logs to the same wandb run
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Scalars named "namespace/key" at an optimizer step."""
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """Rows of equal keys (the columns), e.g. sample generations of an evaluation."""
+
+    def close(self) -> None: ...
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file, none if it is missing; a line a kill cut short is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+class JsonlLogger:
+    """One line per log call of one namespace, {"step": S, key: value ...} with the namespace cut off.
+
+    Lines after `resume_step` are dropped when it opens: a resumed run re-runs those steps and logs
+    them again, so each step keeps one line (what the resumed checkpoint's trainer_state.json `step` holds).
+    """
+
+    def __init__(self, path: Path, namespace: str, resume_step: int) -> None:
+        self.path, self.prefix = path, namespace + "/"
+        kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= resume_step]
+        ckpt.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(path, "a")
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        line = {k.removeprefix(self.prefix): v for k, v in metrics.items() if k.startswith(self.prefix)}
+        if not line:
+            return
+        # Appended, not rewritten through atomic.py (a whole-file rename per step would copy the log each
+        # time): a kill cuts at most this line short, read_jsonl skips it, and a resumed run rewrites the
+        # file whole when it opens it. Flushed per line: a reader (the plots) sees every step.
+        try:
+            self.file.write(json.dumps({"step": step, **line}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise ckpt.CheckpointError(f"could not write {self.path}: {e.strerror or e}") from None
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        pass  # sample generations are in save_path/name/predictions/ already
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# progress-bar postfix: metric -> (label, format)
+POSTFIX = {
+    "train/loss": ("loss", ".4f"),
+    "train/lr": ("lr", ".2e"),
+    "train/grad_norm": ("grad_norm", ".3g"),
+    "train/tokens_per_s": ("tok/s", ".0f"),
+}
+
+
+class ConsoleLogger:
+    """Training metrics on the run's progress bar; every other namespace as one "[eval] key=value ..."
+    line; a table's first rows, one line each."""
+
+    def __init__(self, rows: int = 3) -> None:
+        self.bar: tqdm | None = None  # the run's progress bar, once training has opened it
+        self.rows = rows
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        shown = {label: format(metrics[key], spec) for key, (label, spec) in POSTFIX.items() if key in metrics}
+        if shown and self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)  # drawn with the bar's next update
+        lines: dict[str, list[str]] = {}
+        for key, value in metrics.items():
+            namespace, _, name = key.rpartition("/")
+            if namespace != "train":
+                lines.setdefault(namespace, []).append(
+                    f"{name}={value:.4f}" if isinstance(value, float) else f"{name}={value}"
+                )
+        for namespace, parts in lines.items():
+            tqdm.write(f"[{namespace}] " + " ".join(parts))
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        for row in rows[: self.rows]:
+            tqdm.write("  " + "  ".join(f"{k}: {v!r}" for k, v in row.items()))
+
+    def close(self) -> None:
+        pass
+
+
+class WandbLogger:
+    """A wandb run under save_dir (save_dir/wandb/), resumed by the id kept in save_dir/wandb_run_id.
+
+    wandb is imported here only: it is an optional dependency, slow to import.
+    """
+
+    def __init__(self, save_dir: Path, mode: str, project: str, name: str, config: Mapping[str, Any]) -> None:
+        import wandb
+
+        self.wandb = wandb
+        save_dir.mkdir(parents=True, exist_ok=True)
+        id_file = save_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:
+            run_id = secrets.token_hex(8)  # wandb's own id helper moved between its versions
+            ckpt.write_atomic(id_file, run_id + "\n")
+        self.run = wandb.init(
+            project=project, name=name, config=dict(config), mode=mode, dir=str(save_dir), id=run_id, resume="allow"
+        )
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        # A resumed run re-runs the steps after its checkpoint; wandb already holds them (same values
+        # when resumed exactly) and would refuse each with a warning: skip them here.
+        if step < self.run.step:
+            return
+        self.run.log(dict(metrics), step=step)
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        self.log({name: self.wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])}, step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiLogger:
+    """Every call to each of its loggers, in order."""
+
+    def __init__(self, loggers: Iterable[MetricLogger]) -> None:
+        self.loggers = list(loggers)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_table(name, rows, step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
