@@ -284,7 +284,7 @@ class Run:
         """
         path = self.config.load_model_path
         if self.resume_from is None and path and ckpt.model_dir_of(path) is None:  # a bare state-dict file
-            return base, ckpt.load_weights(base, ckpt.load_state_dict_file(path), path)
+            return base, ckpt.load_weights(base, ckpt.load_state_dict_file(path), path, self.ids)
         source = read_saved_run(model_dir)
         if self.resume_from is not None:
             saved = source.config.lora_settings() if source is not None else self.config.lora_settings()
