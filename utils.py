@@ -207,7 +207,6 @@ class Config:
 
 
 _POSITIVE = (
-    "c_thought",
     "epochs_per_stage",
     "batch_size_training",
     "gradient_accumulation_steps",
@@ -385,6 +384,10 @@ def _check_values(config: Config, origin: Origin) -> None:
     for key in _POSITIVE:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{at(key)}: key '{key}': must be > 0, got {getattr(config, key)}")
+    if config.c_thought < 0:  # 0 as in the original's gsm_cot.yaml: a step becomes no thoughts
+        raise ConfigError(
+            f"{at('c_thought')}: key 'c_thought': must be > 0, or 0 for no thoughts, got {config.c_thought}"
+        )
     for key in _NON_NEGATIVE:
         if getattr(config, key) < 0:
             raise ConfigError(f"{at(key)}: key '{key}': must be >= 0, got {getattr(config, key)}")
