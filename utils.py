@@ -508,11 +508,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def set_seed(seed: int) -> None:
-    """Seed every RNG the run draws from. numpy and torch are imported here, not at the top: run.py reads
-    this module to validate a config before they load."""
+    """Seed every RNG the run draws from, and pin what the original's set_seed pins: PYTHONHASHSEED (for the
+    interpreters started after this, e.g. spawned data workers) and cuDNN's deterministic, non-benchmarked
+    kernels. numpy and torch are imported here, not at the top: run.py reads this module to validate a
+    config before they load."""
     import numpy as np
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every CUDA device's generator too
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -159,9 +159,9 @@ class Run:
         The newest progress wins, epoch or step checkpoint. Its state is checked against this
         config before anything is written, so a bad checkpoint changes nothing on disk.
         """
-        if not self.writes:
+        if self.config.only_eval:  # a debug run resumes too (as the original's), and writes nothing
             return
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             for directory in (self.save_dir, self.save_dir / PREDICTIONS_DIR):
                 atomic.remove_leftovers(directory, everyone=True)  # this run's own: nobody else writes there
@@ -179,7 +179,7 @@ class Run:
             )
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
             self._restore_metrics()
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             ckpt.write_atomic(self.save_dir / CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _check_resumable(self, path: Path, state: ckpt.TrainState) -> None:
@@ -207,7 +207,7 @@ class Run:
         self.metrics = kept
         self.unevaluated = self.state.epoch > 0 and all(r["epoch"] != self.state.epoch for r in kept)
         barrier()  # every rank has read the file before rank 0 replaces it
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             ckpt.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _model_dir(self) -> str:
