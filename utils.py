@@ -155,6 +155,9 @@ class Config:
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     log_every: int = 1
     dist_timeout_s: int = 600
+    # ranks one copy of the model is sharded over (FSDP2 on a replicate x shard mesh: hybrid sharding, e.g.
+    # the GPUs of one node); 0: all ranks (plain FSDP2)
+    fsdp_shard_size: int = 0
 
     def __post_init__(self) -> None:
         if self.multimodal and self.model_id is None:
@@ -227,6 +230,7 @@ _NON_NEGATIVE = (
     "num_workers",
     "save_every_steps",
     "save_total_limit",
+    "fsdp_shard_size",
     "use_llm_lora",
     "use_backbone_lora",
 )
@@ -485,6 +489,11 @@ def check_launch(config: Config, source: str | Origin = "<config>") -> None:
     lora = [k for k in ("use_llm_lora", "use_backbone_lora") if getattr(config, k)]
     if lora and importlib.util.find_spec("peft") is None:  # finds it without importing it (nor torch)
         raise ConfigError(f"{at(*lora)}: key '{lora[0]}': LoRA needs peft, which is not installed (pip install peft)")
+    if config.fsdp_shard_size and ranks % config.fsdp_shard_size:
+        raise ConfigError(
+            f"{at('fsdp_shard_size')}: key 'fsdp_shard_size': {config.fsdp_shard_size} does not divide the "
+            f"{ranks} ranks of this launch (each copy of the model is sharded over that many ranks)"
+        )
     if config.decode_cuda_graph:
         import torch  # only for this key: the other checks stay light
 

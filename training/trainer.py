@@ -64,6 +64,7 @@ from training.distributed import (
     all_reduce_sum,
     barrier,
     check_optimizer_params,
+    device_mesh,
     init_distributed,
     mixed_precision_dtype,
     release_gathered,
@@ -267,7 +268,7 @@ class Run:
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None
-            shard(model, decoder_layers, vision, dtype)
+            shard(model, decoder_layers, vision, dtype, device_mesh(config.fsdp_shard_size, info.device))
         self.model = model
         # One process has no FSDP mixed-precision policy: autocast gives the same bf16 compute.
         use_autocast = dtype is not None and not info.distributed
