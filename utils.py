@@ -155,6 +155,9 @@ class Config:
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
     log_every: int = 1
     dist_timeout_s: int = 600
+    # ranks one copy of the model is sharded over (FSDP2 on a replicate x shard mesh: hybrid sharding, e.g.
+    # the GPUs of one node); 0: all ranks (plain FSDP2)
+    fsdp_shard_size: int = 0
 
     def __post_init__(self) -> None:
         if self.multimodal and self.model_id is None:
@@ -207,7 +210,6 @@ class Config:
 
 
 _POSITIVE = (
-    "c_thought",
     "epochs_per_stage",
     "batch_size_training",
     "gradient_accumulation_steps",
@@ -228,6 +230,7 @@ _NON_NEGATIVE = (
     "num_workers",
     "save_every_steps",
     "save_total_limit",
+    "fsdp_shard_size",
     "use_llm_lora",
     "use_backbone_lora",
 )
@@ -385,6 +388,10 @@ def _check_values(config: Config, origin: Origin) -> None:
     for key in _POSITIVE:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{at(key)}: key '{key}': must be > 0, got {getattr(config, key)}")
+    if config.c_thought < 0:  # 0 as in the original's gsm_cot.yaml: a step becomes no thoughts
+        raise ConfigError(
+            f"{at('c_thought')}: key 'c_thought': must be > 0, or 0 for no thoughts, got {config.c_thought}"
+        )
     for key in _NON_NEGATIVE:
         if getattr(config, key) < 0:
             raise ConfigError(f"{at(key)}: key '{key}': must be >= 0, got {getattr(config, key)}")
@@ -482,6 +489,11 @@ def check_launch(config: Config, source: str | Origin = "<config>") -> None:
     lora = [k for k in ("use_llm_lora", "use_backbone_lora") if getattr(config, k)]
     if lora and importlib.util.find_spec("peft") is None:  # finds it without importing it (nor torch)
         raise ConfigError(f"{at(*lora)}: key '{lora[0]}': LoRA needs peft, which is not installed (pip install peft)")
+    if config.fsdp_shard_size and ranks % config.fsdp_shard_size:
+        raise ConfigError(
+            f"{at('fsdp_shard_size')}: key 'fsdp_shard_size': {config.fsdp_shard_size} does not divide the "
+            f"{ranks} ranks of this launch (each copy of the model is sharded over that many ranks)"
+        )
     if config.decode_cuda_graph:
         import torch  # only for this key: the other checks stay light
 
@@ -505,11 +517,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def set_seed(seed: int) -> None:
-    """Seed every RNG the run draws from. numpy and torch are imported here, not at the top: run.py reads
-    this module to validate a config before they load."""
+    """Seed every RNG the run draws from, and pin what the original's set_seed pins: PYTHONHASHSEED (for the
+    interpreters started after this, e.g. spawned data workers) and cuDNN's deterministic, non-benchmarked
+    kernels. numpy and torch are imported here, not at the top: run.py reads this module to validate a
+    config before they load."""
     import numpy as np
     import torch
 
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every CUDA device's generator too
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -34,27 +34,38 @@ from utils import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 README_FILE = "README.md"
 
-# One user turn (what training saw), as a Jinja chat template. The media lines are those of
-# multimodal.dataset_mm.media_prompt with the processor's own tokens, which it expands into image
-# blocks: one image `<IMG_CONTEXT>\n`, several `Image-1: <IMG_CONTEXT>\n`..., a video `<video>\n`
-# (InternVLProcessor writes `Frame1: <img>…</img>\n…` for it). PROMPT is the prompt format's text
-# with {media} and {question} as Jinja expressions; the empty expression after it keeps its final
+# One user turn (what training saw), and optionally the answer after it, as a Jinja chat template. The media
+# lines are those of multimodal.dataset_mm.media_prompt with the processor's own tokens, which it expands into
+# image blocks: one image `<IMG_CONTEXT>\n`, several `Image-1: <IMG_CONTEXT>\n`..., a video `<video>\n`
+# (InternVLProcessor writes `Frame1: <img>…</img>\n…` for it). PROMPT is the prompt format's text with {media}
+# and {question} as Jinja expressions; it ends where the answer starts, so an assistant turn is its text and
+# EOS_TOKEN: a user + assistant pair renders the training text of that sample. lmdeploy probes a template with
+# a system, a user and an assistant message each alone (and takes it only if all three render): a system
+# message alone renders nothing (the prompt format's own system turn comes with the user turn); beside
+# other messages it is refused, as training never saw one. The empty expression at the end keeps a final
 # newline (Jinja drops a template's trailing newline).
-_CHAT_TEMPLATE = r"""{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}
-{{- raise_exception('This model was trained on prompts of exactly one user message (no system or earlier turns).') -}}
-{%- endif -%}
-{%- set content = messages[0]['content'] -%}
-{%- set ns = namespace(images=0, videos=0, question='', media='') -%}
+_CHAT_TEMPLATE = r"""{%- set roles = messages | map(attribute='role') | list -%}
+{%- if roles | reject('equalto', 'system') | list | length == 0 -%}
+{%- elif roles not in [['user'], ['user', 'assistant'], ['assistant']] -%}
+{{- raise_exception('This model was trained on one user message (no system or earlier turns), then its answer.') -}}
+{%- else -%}
+{%- for message in messages -%}
+{%- set content = message['content'] -%}
+{%- set ns = namespace(images=0, videos=0, text='', media='') -%}
 {%- if content is string -%}
-{%- set ns.question = content -%}
+{%- set ns.text = content -%}
 {%- else -%}
 {%- for part in content -%}
 {%- if part['type'] == 'image' -%}{%- set ns.images = ns.images + 1 -%}
 {%- elif part['type'] == 'video' -%}{%- set ns.videos = ns.videos + 1 -%}
-{%- elif part['type'] == 'text' -%}{%- set ns.question = ns.question + part['text'] -%}
+{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}
 {%- endif -%}
 {%- endfor -%}
 {%- endif -%}
+{%- if message['role'] == 'assistant' -%}
+{%- if ns.images + ns.videos > 0 -%}{{- raise_exception('An answer is text only.') -}}{%- endif -%}
+{{- ns.text -}}EOS_TOKEN
+{%- else -%}
 {%- if MULTIMODAL == 0 and ns.images + ns.videos > 0 -%}
 {{- raise_exception('This model is text-only: it takes no images or video.') -}}
 {%- elif ns.videos > 1 or (ns.videos == 1 and ns.images > 0) -%}
@@ -64,18 +75,25 @@ _CHAT_TEMPLATE = r"""{%- if messages | length != 1 or messages[0]['role'] != 'us
 {%- else -%}
 {%- for i in range(ns.images) -%}{%- set ns.media = ns.media + 'Image-' ~ (i + 1) ~ ': IMAGE_TOKEN\n' -%}{%- endfor -%}
 {%- endif -%}
-PROMPT{{ '' }}"""
+PROMPT{{ '' }}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}"""
 
 
-def chat_template(prompt_format: str, multimodal: bool, image_token: str = "", video_token: str = "") -> str:
-    """The Jinja template that renders a run's training prompt for one user message."""
+def chat_template(
+    prompt_format: str, multimodal: bool, image_token: str = "", video_token: str = "", eos_token: str = ""
+) -> str:
+    """The Jinja template that renders a run's training prompt for one user message, and with its
+    answer (an assistant message) the training text: the answer then eos_token."""
     # Text-only runs tokenize `question + "\n"` (dataset.tokenize_sample): the plain format without media.
     prompt = PROMPT_TEMPLATES[prompt_format if multimodal else "plain"]
-    body = prompt.format(media="{{ ns.media }}", question="{{ ns.question }}")
+    body = prompt.format(media="{{ ns.media }}", question="{{ ns.text }}")
     return (
         _CHAT_TEMPLATE.replace("MULTIMODAL", str(int(multimodal)))
         .replace("IMAGE_TOKEN", image_token)
         .replace("VIDEO_TOKEN", video_token)
+        .replace("EOS_TOKEN", eos_token)
         .replace("PROMPT", body)
     )
 
@@ -117,9 +135,10 @@ def configure_processor(processor: Any, run: SavedRun) -> None:
     """The run's prompt as chat template; for InternVL, its tiling (max_tiles, image_size) in the image processor."""
     config = run.config
     if not config.multimodal:
-        processor.chat_template = chat_template(config.prompt_format, False)
+        processor.chat_template = chat_template(config.prompt_format, False, eos_token=processor.eos_token)
         return
-    processor.chat_template = chat_template(config.prompt_format, True, processor.image_token, processor.video_token)
+    tokens = (processor.image_token, processor.video_token, processor.tokenizer.eos_token)
+    processor.chat_template = chat_template(config.prompt_format, True, *tokens)
     size = {"height": config.image_size, "width": config.image_size}
     image_processor = processor.image_processor
     image_processor.max_patches, image_processor.size = config.max_tiles, size
@@ -160,8 +179,11 @@ or `inference.Inference.load(THIS_DIR).ask(...)`, or `coconut.Coconut.generate` 
 They load and serve this directory, but decode tokens only: they never feed hidden states back,
 so the model answers without its continuous thoughts. After a CoT run that is the prompt it was
 trained on; after Coconut stages (even stage 0, whose prompts carry the two markers) it sees a
-prompt without the latent block it was trained with. lmdeploy picks
-its own chat template by model name unless told otherwise; vLLM uses the template here.
+prompt without the latent block it was trained with. vLLM uses the chat template here; so does
+lmdeploy (`lmdeploy serve api_server THIS_DIR`), which takes a model's own template when a system, a
+user and an assistant message each render with it, unless one of its built-in templates matches the
+directory's path first (keep model family names such as internvl or qwen out of it). The template
+renders one user message as training's prompt (a system message is refused: training had none).
 `AutoProcessor` tiles with the torchvision backend, whose resize differs slightly from training's;
 the exact pixels come from `AutoImageProcessor.from_pretrained(THIS_DIR, backend="pil")`.
 """

@@ -144,7 +144,12 @@ def _open_video(path: Path, where: str) -> Any:
 
 
 def media_prompt(n_images: int, n_frames: int) -> str:
-    """InternVL's placeholder layout: one `<image>`, numbered images, or one line per video frame."""
+    """InternVL's placeholder layout: one `<image>`, numbered images, or one line per video frame.
+
+    Video frames are `Frame1: <image>` as the model card's chat and transformers' InternVLProcessor write
+    them (the prompt an exported model is served with), not the fine-tune script's `Frame-1: <image>`;
+    and the frames are frame_indices' fixed segment midpoints in training too, not its 8-32 random ones:
+    training, evaluation and serving see one prompt per video, and a resumed run the same samples."""
     if n_frames:
         return "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_frames))
     if n_images == 1:

@@ -1,11 +1,13 @@
 """GSM8K (COCONUT JSON) → a multimodal variant whose problem has to be read from an image.
 
     python -m preprocessing.gsm8k_mm --input train=gsm_train.json --input val=gsm_valid.json \\
-        --out-dir D --image-dir I [--mode question|numbers] [--max-per-split N]
+        --input test=gsm_test.json --out-dir D --image-dir I [--mode question|numbers] [--max-per-split N]
 
-Each input is a COCONUT-format file (e.g. the original's gsm_train.json); steps and answer are
-kept. Writes D/{split}.json and renders I/{split}/{idx}.png (idx = the record's index in its
-input file), black text on white, default Pillow font, wrapped to a fixed width.
+Each input is a COCONUT-format file: the original's `bash preprocessing/gsm_icot.bash` writes
+data/gsm_{train,valid,test}.json from iCoT's augmented GSM8K. Steps and answer are kept. Writes
+D/{split}.json and renders I/{split}/{idx}.png (idx = the record's index in its input file), black
+text on white, default Pillow font, wrapped to a fixed width. The shipped recipes read
+data/gsm8k_mm/{train,val,test}.json and data/gsm8k_mm/images (args/cot_vl3_1b.yaml has the command).
 
 Modes:
   question  the whole question is rendered; the text question is only the instruction

@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from dataset import LatentIds
 from modeling.assembly import grow_embeddings
 from modeling.lora import save_adapter, split_state
 from storage import atomic
@@ -386,22 +387,43 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> bool:
+# The original's run.py adds its tokens in this order and resizes to len(tokenizer), so its files hold their rows
+# as the last three, in this order; this project adds start, latent, end (add_latent_tokens). Its Coconut module
+# also keeps the embeddings as `self.embedding`, so its state dict names that matrix twice: this key tells its
+# files from a state dict of this project's Coconut (same prefix, no such key, this project's ids).
+ORIGINAL_TOKEN_ORDER = ("start", "end", "latent")
+ORIGINAL_EMBEDDING_ALIAS = "embedding.weight"
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, ids: LatentIds | None = None) -> bool:
     """Load a full state dict (optionally with the Coconut wrapper's prefix) with exact checks.
 
     Returns whether it is a Coconut checkpoint (the original's test: the wrapper's prefix), whose
-    latent token rows are trained. A file with more embedding rows than the model (saved after the
-    latent tokens were added) grows the model's embeddings and head to its size first.
+    latent token rows are trained. A file of the original's Coconut has its latent rows in its own
+    token order: they are moved to this model's ids for the same tokens, in the embeddings and the
+    head, so rows follow tokens. A file with more embedding rows than the model grows the model's
+    embeddings and head to its size first; an original file with fewer, loaded into a padded
+    vocabulary, keeps the model's own rows past its end (the original's resize cut them off).
     """
     coconut = any(k.startswith(WRAPPER_PREFIX) for k in state)
     state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
-    own = model.state_dict()
     matrix = model.get_input_embeddings().weight
     embedding = next(k for k, v in model.state_dict(keep_vars=True).items() if v is matrix)
+    alias = state.pop(ORIGINAL_EMBEDDING_ALIAS, None) if coconut else None
+    if alias is not None and not (embedding in state and torch.equal(alias, state[embedding])):
+        raise CheckpointError(f"{source}: '{WRAPPER_PREFIX}{ORIGINAL_EMBEDDING_ALIAS}' is not '{embedding}'")
     rows = state.get(embedding)
-    if rows is not None and rows.dim() == 2 and rows.shape[1] == own[embedding].shape[1]:
+    if rows is not None and rows.dim() == 2 and rows.shape[1] == matrix.shape[1]:
         grow_embeddings(model, rows.shape[0])
-        own = model.state_dict()
+        if alias is not None:
+            if ids is None:
+                raise ValueError("an original Coconut file needs the tokenizer's latent ids (ids=)")
+            own = model.state_dict()
+            heads = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+            for key in [k for k, v in model.state_dict(keep_vars=True).items() if any(v is h for h in heads)]:
+                if key in state:
+                    state[key] = _original_rows(state[key], own[key], ids, source, key)
+    own = model.state_dict()
     for name, tensor in state.items():
         if name not in own:
             raise CheckpointError(f"{source}: unexpected tensor '{name}' (a checkpoint of another model?)")
@@ -414,6 +436,26 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         raise CheckpointError(f"{source}: missing {len(missing)} tensors, first '{missing[0]}'")
     model.load_state_dict(state)
     return coconut
+
+
+def _original_rows(saved: torch.Tensor, own: torch.Tensor, ids: LatentIds, source: str, key: str) -> torch.Tensor:
+    """An original file's embedding or head matrix in the model's layout: the latent tokens' rows at the
+    model's ids for them, and past the file's last row the model's own (padding) rows."""
+    if saved.dim() != 2 or saved.shape[1] != own.shape[1] or saved.shape[0] > own.shape[0]:
+        return saved  # reported as a shape mismatch
+    n = saved.shape[0]
+    theirs = {name: n - len(ORIGINAL_TOKEN_ORDER) + i for i, name in enumerate(ORIGINAL_TOKEN_ORDER)}
+    ours = {name: getattr(ids, name) for name in ORIGINAL_TOKEN_ORDER}
+    if set(theirs.values()) != set(ours.values()):
+        raise CheckpointError(
+            f"{source}: tensor '{key}': the latent tokens' rows {sorted(theirs.values())} (the original's: the "
+            f"last three) are not this tokenizer's ids for them {sorted(ours.values())}; "
+            "was the file trained from another model?"
+        )
+    out = torch.cat([saved, own[n:].to(saved.dtype)])
+    for name in ORIGINAL_TOKEN_ORDER:
+        out[ours[name]] = saved[theirs[name]]
+    return out
 
 
 def save_model(model: nn.Module, model_dir: Path, state: dict[str, torch.Tensor]) -> None:

@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +98,29 @@ def mixed_precision_dtype(bf16: bool, fp16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else None
 
 
+def device_mesh(shard_size: int, device: torch.device) -> DeviceMesh | None:
+    """The mesh FSDP2 shards over: None (every rank holds a shard of one copy) when shard_size is 0 or
+    the world size; else (world / shard_size) x shard_size, named ("replicate", "shard"): hybrid
+    sharding, each group of shard_size consecutive ranks (a node's GPUs, under torchrun's numbering)
+    holds one sharded copy, so parameter all-gathers stay inside a group and only gradients are
+    all-reduced across groups."""
+    world = dist.get_world_size()
+    if shard_size in (0, world):
+        return None
+    if world % shard_size:
+        raise ValueError(f"fsdp_shard_size {shard_size} does not divide the world size {world}")
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 def shard(
-    wrapper: nn.Module, decoder_layers: nn.ModuleList, vision_layers: nn.ModuleList | None, dtype: torch.dtype | None
+    wrapper: nn.Module,
+    decoder_layers: nn.ModuleList,
+    vision_layers: nn.ModuleList | None,
+    dtype: torch.dtype | None,
+    mesh: DeviceMesh | None = None,
 ) -> None:
-    """fully_shard each decoder layer and vision layer, then the Coconut wrapper as the root.
+    """fully_shard each decoder layer and vision layer, then the Coconut wrapper as the root, over mesh
+    (device_mesh: None is every rank).
 
     A step runs every decoder layer n+1 times (the latent passes), forward and backward. Decoder
     layers therefore stay gathered for the whole step: reshard_after_forward=False keeps them
@@ -115,11 +135,11 @@ def shard(
 
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for layer in decoder_layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         layer.set_reshard_after_backward(False)
     for layer in vision_layers or []:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(wrapper, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(wrapper, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(wrapper, "generate")
 
 

@@ -64,6 +64,7 @@ from training.distributed import (
     all_reduce_sum,
     barrier,
     check_optimizer_params,
+    device_mesh,
     init_distributed,
     mixed_precision_dtype,
     release_gathered,
@@ -159,9 +160,9 @@ class Run:
         The newest progress wins, epoch or step checkpoint. Its state is checked against this
         config before anything is written, so a bad checkpoint changes nothing on disk.
         """
-        if not self.writes:
+        if self.config.only_eval:  # a debug run resumes too (as the original's), and writes nothing
             return
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             for directory in (self.save_dir, self.save_dir / PREDICTIONS_DIR):
                 atomic.remove_leftovers(directory, everyone=True)  # this run's own: nobody else writes there
@@ -179,7 +180,7 @@ class Run:
             )
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
             self._restore_metrics()
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             ckpt.write_atomic(self.save_dir / CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _check_resumable(self, path: Path, state: ckpt.TrainState) -> None:
@@ -207,7 +208,7 @@ class Run:
         self.metrics = kept
         self.unevaluated = self.state.epoch > 0 and all(r["epoch"] != self.state.epoch for r in kept)
         barrier()  # every rank has read the file before rank 0 replaces it
-        if self.info.is_main:
+        if self.writes and self.info.is_main:
             ckpt.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _model_dir(self) -> str:
@@ -267,7 +268,7 @@ class Run:
         dtype = mixed_precision_dtype(config.bf16, config.fp16)
         if info.distributed:
             vision = base.model.vision_tower.encoder.layer if config.multimodal else None
-            shard(model, decoder_layers, vision, dtype)
+            shard(model, decoder_layers, vision, dtype, device_mesh(config.fsdp_shard_size, info.device))
         self.model = model
         # One process has no FSDP mixed-precision policy: autocast gives the same bf16 compute.
         use_autocast = dtype is not None and not info.distributed
@@ -284,7 +285,7 @@ class Run:
         """
         path = self.config.load_model_path
         if self.resume_from is None and path and ckpt.model_dir_of(path) is None:  # a bare state-dict file
-            return base, ckpt.load_weights(base, ckpt.load_state_dict_file(path), path)
+            return base, ckpt.load_weights(base, ckpt.load_state_dict_file(path), path, self.ids)
         source = read_saved_run(model_dir)
         if self.resume_from is not None:
             saved = source.config.lora_settings() if source is not None else self.config.lora_settings()

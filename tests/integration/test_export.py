@@ -200,3 +200,43 @@ def test_a_kill_at_any_write_of_the_export_leaves_no_export(trained, tmp_path):
     assert run.main(["--export", str(trained), str(reference)]) == 0
     for name in finished["out_files"]:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def answer_text(record: dict) -> str:
+    """What a CoT sample trains the model to write after the prompt (dataset.tokenize_sample), before eos."""
+    return "".join(step + "\n" for step in record["steps"]) + "### " + record["answer"]
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "internvl2_5"])
+def test_the_template_passes_lmdeploys_probe_and_a_user_assistant_pair_is_the_training_text(
+    trained, tmp_path, prompt_format
+):
+    """lmdeploy takes an HF chat template only if a system, a user and an assistant message each render alone
+    (its HFChatTemplate); a user + assistant pair then renders, and tokenizes to, the sample's training text."""
+    source = variant(trained, tmp_path, prompt_format=prompt_format)
+    out = tmp_path / "export"
+    assert run.main(["--export", str(source), str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)  # what lmdeploy loads
+    rendered = {
+        role: tokenizer.apply_chat_template([{"role": role, "content": "sentinel"}], tokenize=False)
+        for role in ("system", "user", "assistant")
+    }
+    assert rendered["system"] == ""
+    assert rendered["assistant"] == "sentinel" + tokenizer.eos_token
+    assert "sentinel" in rendered["user"]
+
+    processor = AutoProcessor.from_pretrained(out)
+    config = dataclasses.replace(read_saved_run(out).config, image_dir=str(tmp_path))
+    tokens = ImageTokens.from_processor(processor)
+    wide = images(tmp_path)[0]
+    record = {"question": "What colour is it?", "steps": ["The shape is red.", "So: red."], "answer": "red"}
+    for paths in ([], [wide]):
+        sample_record = {**record, **({"image": [p.name for p in paths]} if paths else {})}
+        (sample,), _ = tokenize_mm_records([sample_record], "test", processor.tokenizer, tokens, config)
+        training = sample["question_tokenized"] + sum(sample["steps_tokenized"], []) + sample["answer_tokenized"]
+        pair = user(record["question"], images=len(paths)) + [{"role": "assistant", "content": answer_text(record)}]
+        text = processor.apply_chat_template(pair)
+        pil = [Image.open(p) for p in paths] or None
+        assert processor(text=text, images=pil, return_tensors="pt")["input_ids"][0].tolist() == training, text
+    with pytest.raises(Exception, match="one user message"):
+        processor.apply_chat_template(pair + pair)
