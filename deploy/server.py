@@ -26,6 +26,7 @@ import dataclasses
 import io
 import json
 import queue
+import signal
 import sys
 import tempfile
 import threading
@@ -364,8 +365,15 @@ def main(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, **op
 
     server = build_server(checkpoint, ServeOptions(**options))
     print(f"serving {server.name!r} (stage {server.model.stage}) on http://{host}:{port}/v1", flush=True)
+    # uvicorn drains on SIGTERM, then re-raises it to the handler it found: this one ends the process as a
+    # planned stop (status 0) rather than as killed by the signal.
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(server.app(), host=host, port=port, log_level="warning")
     return 0
+
+
+def _stopped(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def cli(argv: Sequence[str]) -> int:
