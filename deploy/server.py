@@ -106,9 +106,10 @@ class Batcher:
         while (first := self.jobs.get()) is not None:
             batch, deadline = [first], time.monotonic() + self.options.max_wait_ms / 1000
             stop = False
-            while len(batch) < self.options.max_batch and (left := deadline - time.monotonic()) > 0:
+            while len(batch) < self.options.max_batch:  # the queued jobs join; more are awaited until deadline
+                left = deadline - time.monotonic()
                 try:
-                    job = self.jobs.get(timeout=left)
+                    job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
