@@ -127,7 +127,7 @@ def infer_replies(stage2):  # noqa: F811 - the imported fixture
 
 @pytest.mark.slow
 def test_answers_equal_infer_on_every_val_record(served, infer_replies):
-    server, _ = served
+    server, checkpoint = served
     client = server.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
     for record, expected in zip(val_records(), infer_replies, strict=True):
@@ -135,6 +135,10 @@ def test_answers_equal_infer_on_every_val_record(served, infer_replies):
     plain = ask(client, val_records()[0]["question"], [IMAGES / val_records()[0]["image"]], top_k=None)
     assert "thoughts" not in plain.model_extra["coconut"]  # thoughts only when asked
     assert plain.choices[0].message.content == infer_replies[0]["output"]
+    model = Inference.load(checkpoint)  # several images in one message, and none
+    two = [IMAGES / r["image"] for r in val_records()[:2]]
+    assert_same_reply(ask(client, "which colors?", two), model.ask("which colors?", images=two))
+    assert_same_reply(ask(client, "what color is it?", []), model.ask("what color is it?"))
 
 
 @pytest.mark.slow
