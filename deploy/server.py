@@ -316,6 +316,9 @@ class Server:
             if self.draining:
                 raise RequestError(503, "server shutting down")
             limit = self.options.max_images * (self.options.max_image_bytes * 4 // 3 + 1024) + 2**20
+            declared = request.headers.get("content-length", "0")
+            if not declared.isdigit() or int(declared) > limit:
+                raise RequestError(413, f"request body over {limit} bytes")
             raw = await request.body()
             if len(raw) > limit:
                 raise RequestError(413, f"request body over {limit} bytes")
@@ -323,10 +326,17 @@ class Server:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(400, f"request body is not valid JSON: {e}") from None
-            with tempfile.TemporaryDirectory(prefix="coconut-serve-") as tmp:
-                question, top_k = await run_in_threadpool(parse_request, body, self, Path(tmp))
+            # The images live until the worker is done with them, even if the client goes away first.
+            tmp = tempfile.TemporaryDirectory(prefix="coconut-serve-")
+            try:
+                question, top_k = await run_in_threadpool(parse_request, body, self, Path(tmp.name))
                 job = Job(question, top_k or 1)
-                reply = await asyncio.wrap_future(self.batcher.submit(job))
+                future = self.batcher.submit(job)
+            except BaseException:
+                tmp.cleanup()
+                raise
+            future.add_done_callback(lambda _: tmp.cleanup())
+            reply = await asyncio.wrap_future(future)
             return _json(200, completion(reply, self.name, top_k))
         except RequestError as e:
             kind = "invalid_request_error" if e.status < 500 else "server_error"
