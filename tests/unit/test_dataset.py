@@ -218,7 +218,7 @@ def _jsonl(records: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
 
-RECORDS = [
+JSONL_RECORDS = [
     {"question": "q1", "steps": ["s"], "answer": "1"},
     {"question": "q2", "steps": [], "answer": "2", "image": "a.png"},
 ]
@@ -227,10 +227,10 @@ RECORDS = [
 @pytest.mark.parametrize("name", ["data.jsonl", "data.json"])  # a .json name holding JSON lines too
 def test_json_lines_read_as_the_json_list(tmp_path, name):
     path = tmp_path / name
-    path.write_text(_jsonl(RECORDS[:1]) + "\n" + _jsonl(RECORDS[1:]))  # a blank line is skipped
+    path.write_text(_jsonl(JSONL_RECORDS[:1]) + "\n" + _jsonl(JSONL_RECORDS[1:]))  # a blank line is skipped
     listed = tmp_path / "list.json"
-    listed.write_text(json.dumps(RECORDS))
-    assert load_records(path) == load_records(listed) == RECORDS
+    listed.write_text(json.dumps(JSONL_RECORDS))
+    assert load_records(path) == load_records(listed) == JSONL_RECORDS
 
 
 @pytest.mark.parametrize(
