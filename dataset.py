@@ -96,13 +96,23 @@ class Batch:
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate a COCONUT JSON file: a list of {question, steps, answer[, image|video]}."""
+    """Read and validate a COCONUT data file: a JSON list of {question, steps, answer[, image|video]}, or
+    the same records as JSON lines (a .jsonl file, or a .json file holding one object per line), the
+    format most fine-tuning tools write."""
     path = Path(path)
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if path.suffix == ".jsonl":
+        return _json_lines(text, path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines under a .json name
+            return _json_lines(text, path)
         raise DataError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
@@ -110,6 +120,24 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: no records: the file holds an empty list")
     for i, record in enumerate(records):
         _validate_record(record, f"{path}: record {i}")
+    return records
+
+
+def _json_lines(text: str, path: Path) -> list[dict[str, Any]]:
+    """One record per non-blank line; errors name the line (and the record number later errors use)."""
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n} (record {len(records)})"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON: {e}") from None
+        _validate_record(record, where)
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records: the file holds no JSON lines")
     return records
 
 

@@ -5,6 +5,7 @@
     python run.py args/demo.yaml num_epochs=2 lr=1e-4              # KEY=VALUE overrides, values read as YAML
     python run.py --export CHECKPOINT_DIR OUT_DIR [--dtype D]      # plain HF model + processor
     python run.py --infer CHECKPOINT --image PATH --question TEXT  # answer, with the thoughts (inference.py)
+    python run.py --serve CHECKPOINT [--host H] [--port P]         # OpenAI-compatible server (deploy/server.py)
 
 Only light modules are imported at the top: a bad config or override is refused before torch and
 transformers load (they take seconds), on every rank of a torchrun launch alike.
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from deploy.inference import cli
 
         return cli(argv)
+    if "--serve" in argv:  # the server has options of its own
+        from deploy.server import cli as serve_cli
+
+        return serve_cli(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.dtype is not None and args.export is None:

@@ -153,6 +153,8 @@ class Config:
     save_total_limit: int = 0  # keep the newest N epoch checkpoints (+ the best); 0: keep all
     # --- logging and distributed -----------------------------------------------------------
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    # where metrics go besides metrics.jsonl / train_log.jsonl and the console (training/metric_logger.py)
+    metrics_sinks: list[Literal["wandb", "tensorboard"]] = dataclasses.field(default_factory=lambda: ["wandb"])
     log_every: int = 1
     dist_timeout_s: int = 600
     # ranks one copy of the model is sharded over (FSDP2 on a replicate x shard mesh: hybrid sharding, e.g.
@@ -342,6 +344,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {value!r}")
+        return value
+    if origin is list and len(args) == 1 and typing.get_origin(args[0]) is Literal:
+        names = list(typing.get_args(args[0]))
+        if not isinstance(value, list) or not all(v in names for v in value) or len(set(value)) < len(value):
+            raise ConfigError(f"expected a list of distinct names from {names}, got {value!r}")
         return value
     if origin is list and args == (str,):
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):

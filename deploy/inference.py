@@ -40,7 +40,34 @@ from training.distributed import DistInfo, mixed_precision_dtype
 from training.evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
 from utils import Config
 
-REPLY_KEYS = ("question", "answer", "output", "latents", "thoughts")
+REPLY_KEYS = (
+    "question",
+    "answer",
+    "output",
+    "latents",
+    "thoughts",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """One question to ask: its text and the images (paths) or the video it is about."""
+
+    question: str
+    images: tuple[str | Path, ...] = ()
+    video: str | Path | None = None
+
+    def record(self) -> dict[str, Any]:
+        """As a data record without steps, its media as absolute paths."""
+        record: dict[str, Any] = {"question": self.question, "steps": [], "answer": ""}
+        if self.images:
+            record["image"] = [str(Path(p).resolve()) for p in self.images]
+        if self.video is not None:
+            record["video"] = str(Path(self.video).resolve())
+        return record
 
 
 class Inference:
@@ -105,18 +132,25 @@ class Inference:
         top_k: int = THOUGHT_TOP_K,
     ) -> dict[str, Any]:
         """Answer one question about images (paths) or a video: answer, output, latents, thoughts."""
-        record: dict[str, Any] = {"question": question, "steps": [], "answer": ""}
-        if images:
-            record["image"] = [str(Path(p).resolve()) for p in images]
-        if video is not None:
-            record["video"] = str(Path(video).resolve())
+        return self.ask_many([Question(question, tuple(images), video)], top_k)[0]
+
+    def ask_many(self, questions: Sequence[Question], top_k: int = THOUGHT_TOP_K) -> list[dict[str, Any]]:
+        """Answer several questions in one generate batch (the server's dynamic batches); each answer is
+        the one the question gets alone, as evaluation's batches equal its single records."""
+        records = [q.record() for q in questions]
         # Paths given here are the user's own: absolute, outside any image_dir.
-        config = dataclasses.replace(self.config, allow_external_images=True, image_dir=str(Path.cwd()), num_workers=0)
-        records, base, media = self._tokenized([record], config, "<question>")
-        # Steps unknown: as many as the curriculum can turn into latents, so the stage's full count.
-        base[0]["steps_tokenized"] = [[]] * self.config.max_latent_stage
-        (reply,) = self._generate(records, base, media, config, top_k, "<question>").predictions
-        return {k: reply[k] for k in REPLY_KEYS}
+        config = dataclasses.replace(
+            self.config,
+            allow_external_images=True,
+            image_dir=str(Path.cwd()),
+            num_workers=0,
+            batch_size_eval=max(len(records), 1),
+        )
+        records, base, media = self._tokenized(records, config, "<question>")
+        for sample in base:  # steps unknown: as many as the curriculum can turn into latents, the stage's full count
+            sample["steps_tokenized"] = [[]] * self.config.max_latent_stage
+        replies = self._generate(records, base, media, config, top_k, "<question>").predictions
+        return [{k: reply[k] for k in REPLY_KEYS} for reply in replies]
 
     def answer_file(
         self, path: str | Path, image_dir: str | Path | None = None, top_k: int = THOUGHT_TOP_K

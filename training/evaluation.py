@@ -150,6 +150,7 @@ def batch_predictions(
         output = decode_generation(tokenizer, tokens[row], eos)
         answer, gold = extract_answer(text), gold_answer(record)
         n_thoughts = int(thoughts.counts[row])
+        stopped = eos in tokens[row]
         out.append(
             {
                 "idx": idx,
@@ -161,6 +162,9 @@ def batch_predictions(
                 "cot_match": original_cot(text) == gold_cot(record),
                 "written_cot_match": written_cot(output) == written_cot_gold(record, stage, config),
                 "latents": prompt.count(model.latent_token_id),  # pause as thought: latents, but no thoughts
+                "prompt_tokens": len(prompt),  # latents and image tokens included
+                "completion_tokens": tokens[row].index(eos) + 1 if stopped else len(tokens[row]),
+                "finish_reason": "stop" if stopped else "length",  # "length": cut at max_new_tokens
                 "thoughts": [
                     [
                         {"token": tokenizer.decode([i]), "id": i, "p": p}

@@ -1,4 +1,4 @@
-"""Where a run's metrics go: one interface in front of a JSON-lines file, wandb and the console.
+"""Where a run's metrics go: one interface in front of a JSON-lines file, wandb, TensorBoard and the console.
 
 The trainer calls log / log_table / close (torchtune's metric-logger shape) whatever is behind
 them. Metric names are "namespace/key" ("train/loss", "eval/accuracy"): the JSON-lines file keeps
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from storage import checkpoints as ckpt
 
 WANDB_ID_FILE = "wandb_run_id"  # in save_path/name: a resumed run logs to the same wandb run
+TENSORBOARD_DIR = "tensorboard"  # in save_path/name: the TensorBoard event files
 
 
 class MetricLogger(Protocol):
@@ -151,6 +152,42 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+
+
+class TensorBoardLogger:
+    """Event files in save_dir/tensorboard/ (`tensorboard --logdir SAVE_DIR/tensorboard`): every numeric
+    metric as a scalar under its "namespace/key" name, tables as Markdown text.
+
+    A resumed run re-runs the steps after its checkpoint: purge_step makes TensorBoard drop the events
+    the interrupted launch wrote past it. The tensorboard package is imported here only (optional).
+    """
+
+    def __init__(self, save_dir: Path, resume_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resume_step + 1 if resume_step else None
+        self.writer = SummaryWriter(log_dir=str(save_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, step)
+
+    def log_table(self, name: str, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        if rows:
+            columns = list(rows[0])
+            lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(str(row[c]).replace("|", "\\|") for c in columns) + " |" for row in rows]
+            self.writer.add_text(name, "\n".join(lines), step)
+        self.writer.flush()  # an evaluation's scalars and table reach the file as it ends
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def file_sinks(sinks: Sequence[str], save_dir: Path, resume_step: int) -> list[MetricLogger]:
+    """The loggers of config.metrics_sinks that write under save_dir (wandb has its own switch, wandb_mode)."""
+    return [TensorBoardLogger(save_dir, resume_step)] if "tensorboard" in sinks else []
 
 
 class MultiLogger:

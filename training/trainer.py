@@ -72,7 +72,15 @@ from training.distributed import (
     shutdown,
 )
 from training.evaluation import PREDICTIONS_DIR, generation_accuracy, validation_loss, write_predictions
-from training.metric_logger import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, WandbLogger, read_jsonl
+from training.metric_logger import (
+    ConsoleLogger,
+    JsonlLogger,
+    MetricLogger,
+    MultiLogger,
+    WandbLogger,
+    file_sinks,
+    read_jsonl,
+)
 from training.plots import CURVES_FILE, Curves
 from training.preemption import Preempted, StopRequests, ignore_stop_signals
 from training.schedule import Schedule, steps_per_epoch
@@ -752,6 +760,7 @@ class Run:
             loggers: list[MetricLogger] = [self.console]
             if self.writes:
                 loggers.append(JsonlLogger(self.save_dir / TRAIN_LOG_FILE, "train", self.state.step))
+                loggers += file_sinks(config.metrics_sinks, self.save_dir, self.state.step)
             wandb = _init_wandb(config, info, self.save_dir)
             if wandb is not None:
                 loggers.append(wandb)
@@ -819,7 +828,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def _init_wandb(config: Config, info: DistInfo, save_dir: Path) -> WandbLogger | None:
     """wandb on rank 0 unless debug or disabled (config key wandb_mode, else WANDB_MODE, else online)."""
     mode = config.wandb_mode or os.environ.get("WANDB_MODE", "online")
-    if not info.is_main or config.debug or mode == "disabled":
+    if not info.is_main or config.debug or mode == "disabled" or "wandb" not in config.metrics_sinks:
         return None
     return WandbLogger(save_dir, mode, config.project, config.name, config.to_dict())
 

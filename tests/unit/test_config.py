@@ -100,3 +100,14 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_metrics_sinks_lists_known_sinks_once():
+    base = {"model_id": "m", "train_path": "t", "val_path": "v"}
+    assert config_from_dict(base).metrics_sinks == ["wandb"]
+    both = ["tensorboard", "wandb"]
+    assert config_from_dict({**base, "metrics_sinks": both}).metrics_sinks == both
+    assert config_from_dict({**base, "metrics_sinks": []}).metrics_sinks == []
+    for bad in (["mlflow"], ["wandb", "wandb"], "tensorboard"):
+        with pytest.raises(ConfigError, match="metrics_sinks"):
+            config_from_dict({**base, "metrics_sinks": bad})

@@ -212,3 +212,39 @@ def test_bad_records_name_file_record_and_key(tmp_path, content, message):
     with pytest.raises(DataError, match=message) as e:
         load_records(path)
     assert str(path) in str(e.value)
+
+
+def _jsonl(records: list) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+JSONL_RECORDS = [
+    {"question": "q1", "steps": ["s"], "answer": "1"},
+    {"question": "q2", "steps": [], "answer": "2", "image": "a.png"},
+]
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])  # a .json name holding JSON lines too
+def test_json_lines_read_as_the_json_list(tmp_path, name):
+    path = tmp_path / name
+    path.write_text(_jsonl(JSONL_RECORDS[:1]) + "\n" + _jsonl(JSONL_RECORDS[1:]))  # a blank line is skipped
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(JSONL_RECORDS))
+    assert load_records(path) == load_records(listed) == JSONL_RECORDS
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"question": "q", "steps": [], "answer": "1"}\n{"question": "q", "steps": []\n', "line 2 .*not valid JSON"),
+        ('{"question": "q", "steps": [], "answer": "1"}\n\n{"steps": [], "answer": "1"}\n', r"line 3 \(record 1\)"),
+        ('{"question": "q", "steps": [], "answer": "1"}\n[1, 2]\n', r"line 2 \(record 1\): expected an object"),
+        ("\n\n", "no records"),
+    ],
+)
+def test_bad_json_lines_name_the_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        load_records(path)
+    assert str(path) in str(e.value)
