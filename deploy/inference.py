@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from coconut import Coconut
-from dataset import DataError, LatentIds, MyCollator, get_question_latent_dataset, load_records, tokenize_records
+from dataset import (
+    DataError,
+    LatentIds,
+    MyCollator,
+    get_question_latent_dataset,
+    load_records,
+    tokenize_records,
+    validate_record,
+)
 from modeling.assembly import load_base_model, load_processor, tokenizer_of
 from modeling.lora import apply_lora, load_adapter
 from multimodal.collator_mm import MultimodalCollator
@@ -107,9 +115,11 @@ class Inference:
         """Answer one question about images (paths) or a video: answer, output, latents, thoughts."""
         record: dict[str, Any] = {"question": question, "steps": [], "answer": ""}
         if images:
-            record["image"] = [str(Path(p).resolve()) for p in images]
+            record["image"] = [str(p) for p in images]
         if video is not None:
-            record["video"] = str(Path(video).resolve())
+            record["video"] = str(video)
+        validate_record(record, "<question>")  # before any path is resolved: a NUL byte is named, not raised
+        record.update({k: _absolute(record[k]) for k in ("image", "video") if k in record})
         # Paths given here are the user's own: absolute, outside any image_dir.
         config = dataclasses.replace(self.config, allow_external_images=True, image_dir=str(Path.cwd()), num_workers=0)
         records, base, media = self._tokenized([record], config, "<question>")
@@ -132,7 +142,7 @@ class Inference:
             return (records, *tokenize_mm_records(records, source, self.tokenizer, image_tokens, config))
         if any("image" in r or "video" in r for r in records):
             raise DataError(f"{source}: this model is text-only (multimodal: false): it takes no images or video")
-        return records, tokenize_records(records, self.tokenizer), {}
+        return records, tokenize_records(records, self.tokenizer, source), {}
 
     def _generate(
         self,
@@ -207,6 +217,11 @@ def cli(argv: Sequence[str]) -> int:
         return 2
     print(json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply))
     return 0
+
+
+def _absolute(paths: str | list[str]) -> str | list[str]:
+    """Paths given to `ask` are the user's own: absolute, outside any image_dir."""
+    return str(Path(paths).resolve()) if isinstance(paths, str) else [str(Path(p).resolve()) for p in paths]
 
 
 def _readable(reply: dict[str, Any]) -> str:
