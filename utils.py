@@ -38,7 +38,11 @@ class ModelSetupError(ValueError):
     """A model, tokenizer or checkpoint that does not fit the run."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError)
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops before any checkpoint holds such weights."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError, TrainingDiverged)
 
 
 DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"

@@ -71,7 +71,16 @@ from training.distributed import (
     shutdown,
 )
 from training.evaluation import PREDICTIONS_DIR, generation_accuracy, validation_loss, write_predictions
-from training.metric_logger import ConsoleLogger, JsonlLogger, MetricLogger, MultiLogger, WandbLogger, read_jsonl
+from training.guard import NonFiniteGuard
+from training.metric_logger import (
+    ConsoleLogger,
+    JsonlLogger,
+    MetricLogger,
+    MultiLogger,
+    WandbLogger,
+    json_line,
+    read_jsonl,
+)
 from training.plots import CURVES_FILE, Curves
 from training.preemption import Preempted, StopRequests, ignore_stop_signals
 from training.schedule import Schedule, steps_per_epoch
@@ -141,6 +150,7 @@ class Run:
         self.bar: tqdm | None = None  # the whole run's progress in optimizer steps (its ETA: the whole run's)
         self.grad_norm: torch.Tensor | None = None  # of the last optimizer step, before clipping
         self.curves = Curves(self.save_dir, METRICS_FILE, TRAIN_LOG_FILE, self._print)
+        self.guard = NonFiniteGuard(info.device, not config.fp16, self.save_dir if self.writes else None)
 
     def close(self) -> None:
         """Drop the model (and all else) before the process group goes.
@@ -474,6 +484,7 @@ class Run:
                 release_gathered(self.decoder_layers)
             lr = schedule.lr(schedule.position(epoch, done // accum))
             self._optimizer_step(optimizer, lr)
+            self.guard.observe(self.state.step, ce, self.grad_norm)
             done += len(window)
             if self.state.step % config.log_every == 0:
                 self._log_step(out, ce, n_labels, lr, epoch + done / n_batches, stage, throughput)
@@ -485,6 +496,7 @@ class Run:
                 and (done < n_batches or config.save_only_improve)
             ):
                 self._save_step(optimizer, epoch, done, loss_sum)
+        self.guard.check()
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
@@ -561,6 +573,8 @@ class Run:
         if out.thought_norm is not None:
             values.append(out.thought_norm.double().view(1))
         ce_sum, tokens, samples, grad_norm, token_norm, *thought_norm = torch.cat(values).tolist()  # one sync
+        self.guard.check()
+        self.guard.logged(self.state.step, ce_sum / max(n_labels, 1.0))
         entry = {
             "train/epoch": epoch,
             "train/stage": stage,
@@ -636,6 +650,7 @@ class Run:
         config, info = self.config, self.info
         if not self.writes:
             return self.save_dir / name
+        self.guard.check()
         options = self._state_options()
         release_gathered(self.model)
         model_state = get_model_state_dict(self.model, options=options)
@@ -701,7 +716,7 @@ class Run:
             try:  # appended, not rewritten through atomic.py: a kill cuts at most this line short, which
                 # read_metrics skips and resuming rewrites (_restore_metrics), and earlier lines are never at risk
                 with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json_line(record))
             except OSError as e:
                 raise ckpt.CheckpointError(f"could not write {path}: {e.strerror or e}") from None
         self.logger.log_table("eval/generations", examples, step=self.state.step)
