@@ -57,6 +57,7 @@ from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage import atomic
 from storage import checkpoints as ckpt
+from storage.resume_check import check_resume, write_data_order
 from storage.saved_run import SavedRun, read_saved_run, write_saved_run
 from training.distributed import (
     DistInfo,
@@ -180,6 +181,8 @@ class Run:
         if found is not None:
             path, state = found
             self._check_resumable(path, state)
+            step = ckpt.is_step_checkpoint(path)
+            notes = check_resume(path, ckpt.model_dir_of(path), step, self.config, self.info.world_size)
             self.resume_from, self.state, self.resume_pending = path, state, True
             self.newest = (state.epoch, state.batch, path)
             where = (
@@ -188,6 +191,8 @@ class Run:
                 else (f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
             )
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
+            for note in notes:
+                self._print(note)
             self._restore_metrics()
         if self.info.is_main:
             ckpt.write_atomic(self.save_dir / CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -666,6 +671,7 @@ class Run:
             ckpt.save_model(self.base, model_dir, model_state)
             self.processor.save_pretrained(model_dir)
             write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids))
+            write_data_order(directory, config, info.world_size)
             if optim_state is not None:
                 torch.save(optim_state, directory / ckpt.OPTIMIZER_FILE)
 
