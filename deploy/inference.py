@@ -42,7 +42,7 @@ from modeling.assembly import load_base_model, load_processor, tokenizer_of
 from modeling.lora import apply_lora, load_adapter
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
-from storage.checkpoints import CheckpointError, model_dir_of
+from storage.checkpoints import CheckpointError, model_dir_of, reading
 from storage.saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run
 from training.distributed import DistInfo, mixed_precision_dtype
 from training.evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
@@ -198,7 +198,8 @@ def cli(argv: Sequence[str]) -> int:
     if args.top_k < 1 or (args.stage is not None and args.stage < 0):
         parser.error("--top-k must be >= 1 and --stage >= 0")
     try:
-        model = Inference.load(args.infer, stage=args.stage)
+        with reading(args.infer):
+            model = Inference.load(args.infer, stage=args.stage)
         if args.data:
             result = model.answer_file(args.data, args.image_dir, args.top_k)
             out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)

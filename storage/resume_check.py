@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from storage.checkpoints import model_dir_of
 from storage.saved_run import read_saved_run
 from utils import CheckpointError, Config
 
@@ -130,4 +131,25 @@ def _refused(checkpoint: Path, key: str, was: Any, now: Any) -> CheckpointError:
         f"{checkpoint}: a mid-epoch checkpoint saved with {key} {was!r}, this run has {now!r}: its position in the "
         f"epoch would cover other samples; resume with {key} {was!r}, or remove {checkpoint.name} to resume from "
         "the epoch checkpoint before it"
+    )
+
+
+def eval_only_stage(config: Config) -> str | None:
+    """Eval-only of a checkpoint of this project, `resume` left at 0: evaluate at the stage it was trained to.
+
+    The original evaluates at the stage of epoch `resume` (so stage 0 when it is not given), which for a
+    later-stage checkpoint silently evaluates without its latents; --infer already takes the checkpoint's
+    stage. `resume` > 0 keeps the original's meaning. Sets config.resume to the first epoch of that stage
+    and returns the line saying so (None when nothing changes).
+    """
+    if not config.only_eval or config.resume or not config.load_model_path:
+        return None
+    model_dir = model_dir_of(config.load_model_path)
+    saved = read_saved_run(model_dir) if model_dir is not None else None
+    if saved is None or config.stage(saved.stage * config.epochs_per_stage) == 0:
+        return None
+    config.resume = saved.stage * config.epochs_per_stage
+    return (
+        f"eval only: evaluating at stage {saved.stage}, the stage {model_dir} was trained to "
+        "(set resume to evaluate at another epoch's stage)"
     )

@@ -57,7 +57,8 @@ from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage import atomic
 from storage import checkpoints as ckpt
-from storage.resume_check import check_resume, write_data_order
+from storage.resume_check import check_resume, eval_only_stage, write_data_order
+from storage.run_lock import run_lock
 from storage.saved_run import SavedRun, read_saved_run, write_saved_run
 from training.distributed import (
     DistInfo,
@@ -116,6 +117,8 @@ def run(config: Config) -> dict[str, Any]:
     """
     info = init_distributed(config.dist_timeout_s)
     quiet_transformers()
+    if (note := eval_only_stage(config)) and info.is_main:
+        print(note, flush=True)
     runner = Run(config, info)
     try:
         return runner.execute()
@@ -335,6 +338,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             if self.writes:  # stop signals are handled only where a checkpoint can be written
+                stack.enter_context(run_lock(self.save_dir, self.info.is_main, self._print))
                 stack.enter_context(self.stop)
             stack.callback(self._close_output)  # also when an error unwinds: its message starts on a line of its own
             self._execute()
