@@ -86,7 +86,7 @@ from training.metric_logger import (
 from training.plots import CURVES_FILE, Curves
 from training.preemption import Preempted, StopRequests, ignore_stop_signals
 from training.schedule import Schedule, steps_per_epoch
-from training.summary import end_lines, parameter_counts, start_lines
+from training.summary import end_lines, media_line, parameter_counts, start_lines
 from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
@@ -755,6 +755,7 @@ class Run:
             save_dir=self.save_dir,
             writes=self.writes,
         )
+        lines.insert(3, media_line(config, {name: split.records for name, split in splits.items()}))
         self._print("\n".join(lines))
 
     def _steps_per_epoch(self) -> int:
