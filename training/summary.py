@@ -123,7 +123,7 @@ def media_line(config: Config, records: dict[str, Sequence[dict[str, Any]]]) -> 
         videos = sum(r.get("video") is not None for r in rows)
         counts.append(f"{split} {images} with images, {videos} with a video, {len(rows) - images - videos} neither")
     ignored = "" if config.multimodal else " (multimodal: false: images and videos are not read)"
-    return "  media       " + "; ".join(counts) + ignored
+    return "media: " + "; ".join(counts) + ignored
 
 
 def end_lines(

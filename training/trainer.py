@@ -755,8 +755,8 @@ class Run:
             save_dir=self.save_dir,
             writes=self.writes,
         )
-        lines.insert(3, media_line(config, {name: split.records for name, split in splits.items()}))
         self._print("\n".join(lines))
+        self._print(media_line(config, {name: split.records for name, split in splits.items()}))
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps of one epoch on every rank (the DistributedSampler pads ranks to equal shares)."""

@@ -75,7 +75,7 @@ def test_media_line_counts_images_videos_and_none_per_split():
     )
     line = media_line(config, {"train": records, "val": records[3:]})
     assert line == (
-        "  media       train 2 with images, 1 with a video, 1 neither; val 0 with images, 0 with a video, 1 neither"
+        "media: train 2 with images, 1 with a video, 1 neither; val 0 with images, 0 with a video, 1 neither"
     )
     text_only = config_from_dict({"model_id": "m", "train_path": "t", "val_path": "v"})
     assert media_line(text_only, {"train": records}).endswith("(multimodal: false: images and videos are not read)")
