@@ -9,15 +9,14 @@ boundary the next epoch is derived afresh from (seed, epoch), so every key may c
 listed when the run starts. The model's weights always come from the checkpoint, so a changed model_id
 or load_model_path is ignored; the config that `config.yaml` records then holds the checkpoint's.
 
-The data file's content is fingerprinted (SHA-256) into each checkpoint (DATA_FILE): the same path
-with other records is a change too.
+The data file's content is fingerprinted (SHA-256) into each checkpoint's saved run record
+(coconut_config.yaml's `data_order`): the same path with other records is a change too.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from storage.checkpoints import model_dir_of
 from storage.saved_run import read_saved_run
 from utils import CheckpointError, Config
 
-DATA_FILE = "data_order.json"
 # Keys that fix which samples a step checkpoint's position covers, and their layout
 ORDER_KEYS = (
     "train_path",
@@ -75,11 +73,10 @@ def _value(config: Config, key: str) -> Any:
     return str(Path(value).resolve()) if key == "train_path" and value else value
 
 
-def write_data_order(directory: Path, config: Config, world_size: int) -> None:
-    """Record in a checkpoint being written what its data order was made of (see the module's docstring)."""
+def data_order(config: Config, world_size: int) -> dict[str, Any]:
+    """What a checkpoint's data order is made of, for its saved run record (see the module's docstring)."""
     record = {"world_size": world_size, "train_sha256": fingerprint(config.train_path)}
-    record.update({key: _value(config, key) for key in ORDER_KEYS})
-    (directory / DATA_FILE).write_text(json.dumps(record))
+    return record | {key: _value(config, key) for key in ORDER_KEYS}
 
 
 def check_resume(checkpoint: Path, model_dir: Path | None, step: bool, config: Config, world_size: int) -> list[str]:
@@ -89,8 +86,7 @@ def check_resume(checkpoint: Path, model_dir: Path | None, step: bool, config: C
     if saved_run is None:
         return []  # not written by this project's trainer: nothing recorded to compare
     saved = saved_run.config
-    order_file = checkpoint / DATA_FILE
-    order = json.loads(order_file.read_text()) if order_file.is_file() else {}
+    order = saved_run.data_order or {}
     current = {"world_size": world_size, "train_sha256": fingerprint(config.train_path)}
     if step:
         if order.get("world_size") not in (None, world_size):

@@ -57,7 +57,7 @@ from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage import atomic
 from storage import checkpoints as ckpt
-from storage.resume_check import check_resume, eval_only_stage, write_data_order
+from storage.resume_check import check_resume, data_order, eval_only_stage
 from storage.run_lock import run_lock
 from storage.saved_run import SavedRun, read_saved_run, write_saved_run
 from training.distributed import (
@@ -674,8 +674,7 @@ class Run:
             model_dir = directory / ckpt.MODEL_DIR
             ckpt.save_model(self.base, model_dir, model_state)
             self.processor.save_pretrained(model_dir)
-            write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids))
-            write_data_order(directory, config, info.world_size)
+            write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids, data_order(config, info.world_size)))
             if optim_state is not None:
                 torch.save(optim_state, directory / ckpt.OPTIMIZER_FILE)
 
