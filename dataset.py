@@ -238,8 +238,8 @@ def check_user_text(record: dict[str, Any], control: re.Pattern[str], where: str
         found = control.search(text)
         if found:
             raise DataError(
-                f"{where}: key '{key}': holds '{found.group()}', the text of one of the model's control tokens; "
-                "user text may not contain it (remove or rewrite it)"
+                f"{where}: key '{key}': holds '{found.group()}', which the model would read as a control token "
+                "(or image placeholder), not as text: remove or rewrite it"
             )
 
 

@@ -35,7 +35,8 @@ class NonFiniteGuard:
         """Fold in one optimizer step's loss (any scale) and gradient norm, on the device: no sync."""
         bad = ~torch.isfinite(loss)
         if self.check_grad_norm and grad_norm is not None:
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # a DTensor's local part: non-finite where the full norm is, with no collective; check() agrees over ranks
+            norm = grad_norm.to_local() if hasattr(grad_norm, "to_local") else grad_norm
             bad = bad | ~torch.isfinite(norm.to(self.device))
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
