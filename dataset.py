@@ -7,9 +7,11 @@ get_question_latent_dataset, MyCollator); see docs/design.md §1 and §3.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import json
 import random
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,26 +102,37 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     the same records as JSON lines (a .jsonl file, or a .json file holding one object per line), the
     format most fine-tuning tools write."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSON data file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e}") from None
-    if path.suffix == ".jsonl":
-        return _json_lines(text, path)
+    records = _json_lines(text, path) if path.suffix == ".jsonl" else _json_list(text, path)
+    _warn_unscorable(records, path)
+    return records
+
+
+def _json_list(text: str, path: Path) -> list[dict[str, Any]]:
+    """A JSON list of records (or JSON lines under a .json name, which most fine-tuning tools write)."""
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON lines under a .json name
             return _json_lines(text, path)
         raise DataError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise DataError(f"{path}: not a list of records: its JSON nests too deeply to read") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
         raise DataError(f"{path}: no records: the file holds an empty list")
     for i, record in enumerate(records):
-        _validate_record(record, f"{path}: record {i}")
+        validate_record(record, f"{path}: record {i}")
     return records
 
 
@@ -134,16 +147,38 @@ def _json_lines(text: str, path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON: {e}") from None
-        _validate_record(record, where)
+        except RecursionError:
+            raise DataError(f"{where}: its JSON nests too deeply to read") from None
+        validate_record(record, where)
         records.append(record)
     if not records:
         raise DataError(f"{path}: no records: the file holds no JSON lines")
     return records
 
 
-def _validate_record(record: Any, where: str) -> None:
+RECORD_KEYS = ("question", "steps", "answer", "image", "video", "num_frames")
+
+
+def _warn_unscorable(records: list[dict[str, Any]], path: Path) -> None:
+    """Answers holding '#' can never be scored correct: the original's scoring takes a generation's
+    text after its last '#' (training/scoring.py), so it cannot reproduce such an answer."""
+    hashed = [i for i, r in enumerate(records) if "#" in r["answer"]]
+    if hashed:
+        warnings.warn(
+            f"{path}: {len(hashed)} of {len(records)} answers contain '#' (records {hashed[:10]}): the scoring "
+            "takes the text after a generation's last '#', so these can never be counted correct",
+            stacklevel=3,
+        )
+
+
+def validate_record(record: Any, where: str) -> None:
+    """Refuse a record that is not {question, steps, answer[, image|video][, num_frames]}, naming where."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}")
+    for key in record:
+        meant = difflib.get_close_matches(key.lower(), RECORD_KEYS, n=1, cutoff=0.75)
+        if key not in RECORD_KEYS and meant:  # other keys (a data set's own metadata) are ignored
+            raise DataError(f"{where}: unknown key '{key}'; did you mean '{meant[0]}'?")
     for key in ("question", "steps", "answer"):
         if key not in record:
             raise DataError(f"{where}: missing key '{key}'")
@@ -162,9 +197,13 @@ def _validate_record(record: Any, where: str) -> None:
     video = record.get("video")
     if video is not None and not isinstance(video, str):
         raise DataError(f"{where}: key 'video': expected a path")
+    for key, paths in (("image", image), ("video", video)):
+        if any(not p or "\0" in p for p in ([paths] if isinstance(paths, str) else paths or [])):
+            raise DataError(f"{where}: key '{key}': a path is empty or holds a NUL byte")
     if image is not None and video is not None:
         raise DataError(f"{where}: keys 'image' and 'video': a record carries one or the other")
-    if "num_frames" in record and (not isinstance(record["num_frames"], int) or record["num_frames"] < 1):
+    frames = record.get("num_frames", 1)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise DataError(f"{where}: key 'num_frames': expected a positive integer")
 
 
@@ -199,11 +238,43 @@ def tokenize_records(
 
     source: the data file, named in the check's error.
     """
+    control = control_text(tokenizer)
+    for i, record in enumerate(records):
+        check_user_text(record, control, f"{source}: record {i}" if source else f"record {i}")
     samples = [tokenize_sample(r, i, tokenizer) for i, r in enumerate(records)]
     if samples:
         where = f"{source}: record 0" if source else "record 0"
         check_tokenization(samples[0], records[0]["question"] + "\n", records[0], tokenizer, where)
     return samples
+
+
+def control_text(tokenizer: Any, reserved: Sequence[str] = ()) -> re.Pattern[str]:
+    """Text that would become a control id: every added token of the tokenizer (eos/pad, the chat
+    template's role tokens, <img>, </img>, <IMG_CONTEXT>, the latent markers once added), its special
+    tokens, and `reserved` strings (the `<image>` placeholder of multimodal prompts). Longest first, so
+    the error names the whole token."""
+    strings = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+    strings |= set(reserved)
+    return re.compile("|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True) if t))
+
+
+def check_user_text(record: dict[str, Any], control: re.Pattern[str], where: str) -> None:
+    """Refuse a record whose question, steps or answer holds a control token's text (see control_text).
+
+    User text is text: tokenized as it is, `<|latent|>` in a question would be fed back as a thought,
+    `<IMG_CONTEXT>` would take an image feature, `<|im_end|>` would end the turn. Refusing the record
+    (rather than tokenizing such text piecewise) keeps the tokens of every accepted record those of its
+    whole text, which the tokenization self-check and the latent steps rely on.
+    """
+    texts = [("question", record["question"]), ("answer", record["answer"])]
+    texts += [(f"steps[{j}]", step) for j, step in enumerate(record["steps"])]
+    for key, text in texts:
+        found = control.search(text)
+        if found:
+            raise DataError(
+                f"{where}: key '{key}': holds '{found.group()}', which the model would read as a control token "
+                "(or image placeholder), not as text: remove or rewrite it"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,11 +38,16 @@ class ModelSetupError(ValueError):
     """A model, tokenizer or checkpoint that does not fit the run."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError)
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops before any checkpoint holds such weights."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelSetupError, TrainingDiverged)
 
 
 DEFAULT_MULTIMODAL_MODEL = "OpenGVLab/InternVL3-1B-Pretrained"
 METHOD_KEYS = ("coconut", "cot", "no_thoughts", "no_cot")
+PREDICTIONS_DIR = "predictions"  # save_path/name/predictions/epoch_N.jsonl
 TINY_PREFIX = "tiny:"  # model_id "tiny:DIR": the offline tiny InternVL, built into DIR on first use
 # Upper bound of max_tiles and video_tiles (tiles of one image / one video frame). 128 InternVL3 tiles of 256
 # tokens fill the language model's whole 32768-token context, so more can never train; and transformers' tile-grid
@@ -462,6 +467,8 @@ def check_paths(config: Config, source: str | Origin = "<config>") -> None:
     for key, path in needed.items():
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{at(key)}: key '{key}': path does not exist: {path}")
+        if key in ("train_path", "val_path") and path is not None and Path(path).is_dir():
+            raise ConfigError(f"{at(key)}: key '{key}': {path} is a directory, not a JSON data file")
     model_id = config.model_id
     if model_id is not None and not model_id.startswith(TINY_PREFIX):
         local = Path(model_id).expanduser()
@@ -482,6 +489,12 @@ def check_paths(config: Config, source: str | Origin = "<config>") -> None:
         raise ConfigError(
             f"{at('name')}: key 'name': {save_dir / config.name} resolves to {run_dir}, outside save_path {save_dir}"
         )
+    for directory in (run_dir, run_dir / PREDICTIONS_DIR):
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(
+                f"{at('name')}: key 'name': {directory} is a file where the run writes a directory; move it, "
+                "or give the run another save_path/name"
+            )
 
 
 def check_launch(config: Config, source: str | Origin = "<config>") -> None:

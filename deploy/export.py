@@ -27,7 +27,7 @@ from modeling.assembly import load_base_model, load_processor
 from modeling.lora import has_adapter, merge_adapter
 from multimodal.prompts import PROMPT_TEMPLATES
 from storage import atomic
-from storage.checkpoints import CheckpointError, model_dir_of
+from storage.checkpoints import CheckpointError, model_dir_of, reading
 from storage.saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run, write_saved_run
 from utils import ConfigError
 
@@ -115,19 +115,27 @@ def export_checkpoint(
     dtype = dtype or ("bf16" if config.bf16 else "fp16" if config.fp16 else "fp32")
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    model = load_base_model(source, config.multimodal, config.trust_remote_code)
-    if has_adapter(source):  # a LoRA run: its adapters merged into the weights, a plain model without peft
-        model = merge_adapter(model, source)
-        run = dataclasses.replace(run, config=dataclasses.replace(config, use_llm_lora=0, use_backbone_lora=0))
-    model = model.to(DTYPES[dtype])
-    processor = load_processor(source, config.multimodal)
+    with reading(source):
+        model = load_base_model(source, config.multimodal, config.trust_remote_code)
+        if has_adapter(source):  # a LoRA run: its adapters merged into the weights, a plain model without peft
+            model = merge_adapter(model, source)
+            run = dataclasses.replace(run, config=dataclasses.replace(config, use_llm_lora=0, use_backbone_lora=0))
+        model = model.to(DTYPES[dtype])
+        processor = load_processor(source, config.multimodal)
     configure_processor(processor, run)
-    atomic.remove_leftovers(out_dir.parent, [out_dir.name])  # killed exports to out_dir (their process is gone)
-    with atomic.atomic_dir(out_dir, replace=False) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_saved_run(tmp, run)
-        (tmp / README_FILE).write_text(export_readme(run, dtype), encoding="utf-8")
+    try:
+        atomic.remove_leftovers(out_dir.parent, [out_dir.name])  # killed exports to out_dir (their process is gone)
+        with atomic.atomic_dir(out_dir, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            write_saved_run(tmp, run)
+            (tmp / README_FILE).write_text(export_readme(run, dtype), encoding="utf-8")
+    except FileExistsError:
+        raise CheckpointError(
+            f"{out_dir}: written by another export meanwhile; choose a new export directory"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"could not write {out_dir}: {e.strerror or e}") from None
     return out_dir
 
 

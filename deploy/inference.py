@@ -29,12 +29,20 @@ from typing import Any
 import torch
 
 from coconut import Coconut
-from dataset import DataError, LatentIds, MyCollator, get_question_latent_dataset, load_records, tokenize_records
+from dataset import (
+    DataError,
+    LatentIds,
+    MyCollator,
+    get_question_latent_dataset,
+    load_records,
+    tokenize_records,
+    validate_record,
+)
 from modeling.assembly import load_base_model, load_processor, tokenizer_of
 from modeling.lora import apply_lora, load_adapter
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
-from storage.checkpoints import CheckpointError, model_dir_of
+from storage.checkpoints import CheckpointError, model_dir_of, reading
 from storage.saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run
 from training.distributed import DistInfo, mixed_precision_dtype
 from training.evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
@@ -64,9 +72,11 @@ class Question:
         """As a data record without steps, its media as absolute paths."""
         record: dict[str, Any] = {"question": self.question, "steps": [], "answer": ""}
         if self.images:
-            record["image"] = [str(Path(p).resolve()) for p in self.images]
+            record["image"] = [str(p) for p in self.images]
         if self.video is not None:
-            record["video"] = str(Path(self.video).resolve())
+            record["video"] = str(self.video)
+        validate_record(record, "<question>")  # before any path is resolved: a NUL byte is named, not raised
+        record.update({k: _absolute(record[k]) for k in ("image", "video") if k in record})
         return record
 
 
@@ -166,7 +176,7 @@ class Inference:
             return (records, *tokenize_mm_records(records, source, self.tokenizer, image_tokens, config))
         if any("image" in r or "video" in r for r in records):
             raise DataError(f"{source}: this model is text-only (multimodal: false): it takes no images or video")
-        return records, tokenize_records(records, self.tokenizer), {}
+        return records, tokenize_records(records, self.tokenizer, source), {}
 
     def _generate(
         self,
@@ -222,7 +232,8 @@ def cli(argv: Sequence[str]) -> int:
     if args.top_k < 1 or (args.stage is not None and args.stage < 0):
         parser.error("--top-k must be >= 1 and --stage >= 0")
     try:
-        model = Inference.load(args.infer, stage=args.stage)
+        with reading(args.infer):
+            model = Inference.load(args.infer, stage=args.stage)
         if args.data:
             result = model.answer_file(args.data, args.image_dir, args.top_k)
             out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
@@ -241,6 +252,11 @@ def cli(argv: Sequence[str]) -> int:
         return 2
     print(json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply))
     return 0
+
+
+def _absolute(paths: str | list[str]) -> str | list[str]:
+    """Paths given to `ask` are the user's own: absolute, outside any image_dir."""
+    return str(Path(paths).resolve()) if isinstance(paths, str) else [str(Path(p).resolve()) for p in paths]
 
 
 def _readable(reply: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import DataError, check_tokenization, load_records, tokenize_sample
+from dataset import DataError, check_tokenization, check_user_text, control_text, load_records, tokenize_sample
 from multimodal.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES
 from multimodal.transforms import ImageLoadError, ImageTransform, decoded_size
 from utils import Config
@@ -157,11 +157,13 @@ def media_prompt(n_images: int, n_frames: int) -> str:
     return "".join(f"Image-{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(n_images))
 
 
-def question_ids(tokenizer: Any, text: str, blocks: list[list[int]]) -> list[int]:
+def question_ids(tokenizer: Any, text: str, blocks: list[list[int]], where: str = "prompt") -> list[int]:
     """Tokenize a prompt, replacing each `<image>` placeholder by its image block."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != len(blocks):
-        raise DataError(f"prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(blocks)} images")
+        raise DataError(
+            f"{where}: the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for {len(blocks)} images"
+        )
     ids = tokenizer.encode(pieces[0], add_special_tokens=True)
     for block, piece in zip(blocks, pieces[1:]):
         ids += block + tokenizer.encode(piece, add_special_tokens=False)
@@ -230,6 +232,9 @@ def tokenize_mm_records(
     """
     builder = MediaBuilder(config, image_tokens)
     wheres = [f"{source}: record {idx}" for idx in range(len(records))]
+    control = control_text(tokenizer, reserved=(IMAGE_PLACEHOLDER,))  # a record's images come from its keys
+    for record, where in zip(records, wheres):
+        check_user_text(record, control, where)
     paths = [builder.image_paths(r, where) for r, where in zip(records, wheres)]
     sizes = decoded_sizes([(p, where) for ps, where in zip(paths, wheres) for p in ps])
     samples, media = [], {}
@@ -237,7 +242,7 @@ def tokenize_mm_records(
         is_video = record.get("video") is not None
         visuals = builder.video(record, where) if is_video else builder.images(paths[idx], sizes)
         prompt, blocks = builder.prompt(record, visuals), builder.blocks(visuals)
-        samples.append(tokenize_sample(record, idx, tokenizer, question_ids(tokenizer, prompt, blocks)))
+        samples.append(tokenize_sample(record, idx, tokenizer, question_ids(tokenizer, prompt, blocks, where)))
         media[idx] = visuals
         if idx == 0:  # the prompt as one string: each placeholder replaced by its block's text
             pieces = prompt.split(IMAGE_PLACEHOLDER)

@@ -21,6 +21,7 @@ never a half one that looks complete; the next start removes the leftovers (atom
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,7 +29,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,19 @@ def _reason(error: Exception) -> str:
 
 
 # --- model directories and weight files ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Read a checkpoint or model directory: a file that vanishes or cannot be read meanwhile is one
+    CheckpointError naming it (a run may be pruning or replacing that checkpoint as it is read)."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(
+            f"{path}: could not read {e.filename or 'it'}: {e.strerror or e} (a run may be pruning or replacing "
+            "this checkpoint: read a checkpoint that run keeps, or copy it first)"
+        ) from None
 
 
 def is_model_dir(path: str | Path) -> bool:

@@ -28,6 +28,8 @@ class SavedRun:
     epoch: int  # epochs completed
     stage: int  # curriculum stage of the last completed epoch
     latent_token_ids: dict[str, int]  # {"start": .., "latent": .., "end": ..}
+    # what a checkpoint's data order was made of (resume_check.data_order); None in records written before it
+    data_order: dict[str, Any] | None = None
 
     @property
     def method(self) -> str:
@@ -40,7 +42,7 @@ class SavedRun:
             "stage": self.stage,
             "method": self.method,
             "latent_token_ids": dict(self.latent_token_ids),
-        }
+        } | ({"data_order": self.data_order} if self.data_order is not None else {})
 
 
 def write_saved_run(model_dir: str | Path, run: SavedRun) -> Path:
@@ -62,7 +64,10 @@ def read_saved_run(model_dir: str | Path) -> SavedRun | None:
         epoch, stage = raw["epoch"], raw["stage"]
         if not (isinstance(epoch, int) and isinstance(stage, int)) or epoch < 0 or stage < 0:
             raise ValueError(f"epoch and stage must be integers >= 0, got {epoch!r}, {stage!r}")
-        return SavedRun(config, epoch, stage, ids)
+        order = raw.get("data_order")
+        if order is not None and not isinstance(order, dict):
+            raise ValueError(f"data_order must be a mapping, got {order!r}")
+        return SavedRun(config, epoch, stage, ids, order)
     except ConfigError:
         raise
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:

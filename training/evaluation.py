@@ -28,10 +28,9 @@ from training.scoring import (
     written_cot,
     written_cot_gold,
 )
-from utils import Config
+from utils import PREDICTIONS_DIR, CheckpointError, Config  # noqa: F401 (PREDICTIONS_DIR: re-exported for the trainer)
 
 THOUGHT_TOP_K = 5  # tokens kept per continuous thought in a predictions file
-PREDICTIONS_DIR = "predictions"  # save_path/name/predictions/epoch_N.jsonl
 
 
 def sharded_loader(
@@ -191,7 +190,12 @@ def _merged(mine: list[dict[str, Any]], info: DistInfo) -> list[dict[str, Any]]:
 def write_predictions(path: str | Path, predictions: Sequence[dict[str, Any]]) -> Path:
     """Write predictions as JSON lines, atomically: a reader sees the previous file or the whole new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; the predictions file must be a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    except OSError as e:  # e.g. a file where a parent directory should be
+        raise CheckpointError(f"could not write predictions {path}: {e.strerror or e}") from None
     return path

@@ -9,6 +9,7 @@ Rank 0 holds the loggers; the other ranks, and debug runs apart from the console
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def json_line(record: Mapping[str, Any]) -> str:
+    """One JSON line; a non-finite number is written as null (JSON has no NaN or Infinity)."""
+    return (
+        json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in record.items()}) + "\n"
+    )
+
+
 class JsonlLogger:
     """One line per log call of one namespace, {"step": S, key: value ...} with the namespace cut off.
 
@@ -68,7 +76,7 @@ class JsonlLogger:
         # time): a kill cuts at most this line short, read_jsonl skips it, and a resumed run rewrites the
         # file whole when it opens it. Flushed per line: a reader (the plots) sees every step.
         try:
-            self.file.write(json.dumps({"step": step, **line}) + "\n")
+            self.file.write(json_line({"step": step, **line}))
             self.file.flush()
         except OSError as e:
             raise ckpt.CheckpointError(f"could not write {self.path}: {e.strerror or e}") from None

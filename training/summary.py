@@ -114,6 +114,18 @@ def start_lines(
     return lines
 
 
+def media_line(config: Config, records: dict[str, Sequence[dict[str, Any]]]) -> str:
+    """How many records of each split carry images, a video, or neither: a data set whose images went
+    unread (a misnamed key, multimodal: false) shows here before any training."""
+    counts = []
+    for split, rows in records.items():
+        images = sum(r.get("image") is not None for r in rows)
+        videos = sum(r.get("video") is not None for r in rows)
+        counts.append(f"{split} {images} with images, {videos} with a video, {len(rows) - images - videos} neither")
+    ignored = "" if config.multimodal else " (multimodal: false: images and videos are not read)"
+    return "media: " + "; ".join(counts) + ignored
+
+
 def end_lines(
     metrics: Sequence[dict[str, Any]], wall_s: float, save_dir: Path, checkpoints: Sequence[str], files: Sequence[str]
 ) -> list[str]:

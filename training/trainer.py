@@ -57,6 +57,8 @@ from multimodal.convert import resolve_model
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage import atomic
 from storage import checkpoints as ckpt
+from storage.resume_check import check_resume, data_order, eval_only_stage
+from storage.run_lock import run_lock
 from storage.saved_run import SavedRun, read_saved_run, write_saved_run
 from training.distributed import (
     DistInfo,
@@ -72,6 +74,7 @@ from training.distributed import (
     shutdown,
 )
 from training.evaluation import PREDICTIONS_DIR, generation_accuracy, validation_loss, write_predictions
+from training.guard import NonFiniteGuard
 from training.metric_logger import (
     ConsoleLogger,
     JsonlLogger,
@@ -79,12 +82,13 @@ from training.metric_logger import (
     MultiLogger,
     WandbLogger,
     file_sinks,
+    json_line,
     read_jsonl,
 )
 from training.plots import CURVES_FILE, Curves
 from training.preemption import Preempted, StopRequests, ignore_stop_signals
 from training.schedule import Schedule, steps_per_epoch
-from training.summary import end_lines, parameter_counts, start_lines
+from training.summary import end_lines, media_line, parameter_counts, start_lines
 from utils import Config, set_seed
 
 DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE = 5000, 32  # the original's debug subset sizes
@@ -115,6 +119,8 @@ def run(config: Config) -> dict[str, Any]:
     """
     info = init_distributed(config.dist_timeout_s)
     quiet_transformers()
+    if (note := eval_only_stage(config)) and info.is_main:
+        print(note, flush=True)
     runner = Run(config, info)
     try:
         return runner.execute()
@@ -150,6 +156,7 @@ class Run:
         self.bar: tqdm | None = None  # the whole run's progress in optimizer steps (its ETA: the whole run's)
         self.grad_norm: torch.Tensor | None = None  # of the last optimizer step, before clipping
         self.curves = Curves(self.save_dir, METRICS_FILE, TRAIN_LOG_FILE, self._print)
+        self.guard = NonFiniteGuard(info.device, not config.fp16, self.save_dir if self.writes else None)
 
     def close(self) -> None:
         """Drop the model (and all else) before the process group goes.
@@ -179,6 +186,8 @@ class Run:
         if found is not None:
             path, state = found
             self._check_resumable(path, state)
+            step = ckpt.is_step_checkpoint(path)
+            notes = check_resume(path, ckpt.model_dir_of(path), step, self.config, self.info.world_size)
             self.resume_from, self.state, self.resume_pending = path, state, True
             self.newest = (state.epoch, state.batch, path)
             where = (
@@ -187,6 +196,8 @@ class Run:
                 else (f"in epoch {state.epoch + 1} after {state.batch} micro-batches")
             )
             self._print(f"resuming from {path} ({where}); the `resume` key is ignored")
+            for note in notes:
+                self._print(note)
             self._restore_metrics()
         if self.writes and self.info.is_main:
             ckpt.write_atomic(self.save_dir / CONFIG_FILE, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
@@ -329,6 +340,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             if self.writes:  # stop signals are handled only where a checkpoint can be written
+                stack.enter_context(run_lock(self.save_dir, self.info.is_main, self._print))
                 stack.enter_context(self.stop)
             stack.callback(self._close_output)  # also when an error unwinds: its message starts on a line of its own
             self._execute()
@@ -483,6 +495,7 @@ class Run:
                 release_gathered(self.decoder_layers)
             lr = schedule.lr(schedule.position(epoch, done // accum))
             self._optimizer_step(optimizer, lr)
+            self.guard.observe(self.state.step, ce, self.grad_norm)
             done += len(window)
             if self.state.step % config.log_every == 0:
                 self._log_step(out, ce, n_labels, lr, epoch + done / n_batches, stage, throughput)
@@ -494,6 +507,7 @@ class Run:
                 and (done < n_batches or config.save_only_improve)
             ):
                 self._save_step(optimizer, epoch, done, loss_sum)
+        self.guard.check()
         all_reduce_sum(loss_sum)
         return float(loss_sum[0] / loss_sum[1].clamp(min=1))
 
@@ -570,6 +584,8 @@ class Run:
         if out.thought_norm is not None:
             values.append(out.thought_norm.double().view(1))
         ce_sum, tokens, samples, grad_norm, token_norm, *thought_norm = torch.cat(values).tolist()  # one sync
+        self.guard.check()
+        self.guard.logged(self.state.step, ce_sum / max(n_labels, 1.0))
         entry = {
             "train/epoch": epoch,
             "train/stage": stage,
@@ -645,6 +661,7 @@ class Run:
         config, info = self.config, self.info
         if not self.writes:
             return self.save_dir / name
+        self.guard.check()
         options = self._state_options()
         release_gathered(self.model)
         model_state = get_model_state_dict(self.model, options=options)
@@ -659,7 +676,7 @@ class Run:
             model_dir = directory / ckpt.MODEL_DIR
             ckpt.save_model(self.base, model_dir, model_state)
             self.processor.save_pretrained(model_dir)
-            write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids))
+            write_saved_run(model_dir, SavedRun(config, state.epoch, stage, ids, data_order(config, info.world_size)))
             if optim_state is not None:
                 torch.save(optim_state, directory / ckpt.OPTIMIZER_FILE)
 
@@ -710,7 +727,7 @@ class Run:
             try:  # appended, not rewritten through atomic.py: a kill cuts at most this line short, which
                 # read_metrics skips and resuming rewrites (_restore_metrics), and earlier lines are never at risk
                 with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json_line(record))
             except OSError as e:
                 raise ckpt.CheckpointError(f"could not write {path}: {e.strerror or e}") from None
         self.logger.log_table("eval/generations", examples, step=self.state.step)
@@ -740,6 +757,7 @@ class Run:
             writes=self.writes,
         )
         self._print("\n".join(lines))
+        self._print(media_line(config, {name: split.records for name, split in splits.items()}))
 
     def _steps_per_epoch(self) -> int:
         """Optimizer steps of one epoch on every rank (the DistributedSampler pads ranks to equal shares)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from training.summary import duration, end_lines, human, parameter_counts, stage_plan
+from training.summary import duration, end_lines, human, media_line, parameter_counts, stage_plan
 from utils import config_from_dict
 
 BASE = {"train_path": "t", "val_path": "v", "model_id": "m"}
@@ -66,3 +66,16 @@ def test_the_end_line_names_the_best_epoch_first_of_equals():
     ]
     only = end_lines(metrics[:1], 5, Path("/runs/x"), [], [])
     assert only == ["done in 0:00:05: accuracy 0.2500 at epoch 1 (stage 0)"]
+
+
+def test_media_line_counts_images_videos_and_none_per_split():
+    records = [{"image": "a.png"}, {"image": ["a.png", "b.png"]}, {"video": "v.mp4"}, {}]
+    config = config_from_dict(
+        {"model_id": "m", "train_path": "t", "val_path": "v", "multimodal": True, "image_dir": "i"}
+    )
+    line = media_line(config, {"train": records, "val": records[3:]})
+    assert line == (
+        "media: train 2 with images, 1 with a video, 1 neither; val 0 with images, 0 with a video, 1 neither"
+    )
+    text_only = config_from_dict({"model_id": "m", "train_path": "t", "val_path": "v"})
+    assert media_line(text_only, {"train": records}).endswith("(multimodal: false: images and videos are not read)")
