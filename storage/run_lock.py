@@ -40,37 +40,40 @@ def run_lock(save_dir: Path, is_main: bool, say: Callable[[str], None]) -> Itera
     finally:
         if handle is not None:  # removed while still held: a run that opened it meanwhile retries (see _take)
             (save_dir / LOCK_FILE).unlink(missing_ok=True)
-            handle.close()
+            os.close(handle)
 
 
-def _take(save_dir: Path, say: Callable[[str], None]) -> object:
+def _take(save_dir: Path, say: Callable[[str], None]) -> int:
+    """The locked lock file's descriptor. Raw descriptor I/O: the lock is no data file, and a run whose
+    disk is full should be refused at its first data file (config.yaml), which names what could not be written."""
     if save_dir.exists() and not save_dir.is_dir():
         raise CheckpointError(f"{save_dir}: the run directory (save_path/name) is a file; remove it or change name")
     path = save_dir / LOCK_FILE
     while True:
         try:
             save_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # held open for the whole run
         except OSError as e:
             raise CheckpointError(f"{save_dir}: cannot create the run directory: {e.strerror or e}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process that has not written its name yet"
-            handle.close()
+            holder = _read(fd) or "a process that has not written its name yet"
+            os.close(fd)
             raise CheckpointError(
                 f"{save_dir}: another run is using this run directory ({holder}); wait for it to end, "
                 "or give this run another save_path/name"
             ) from None
-        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
-        handle.close()  # the file its holder removed on ending: lock the one in place now
-    handle.seek(0)
-    left = handle.read().strip()
+        os.close(fd)  # the file its holder removed on ending: lock the one in place now
+    left = _read(fd)
     if left:
         say(f"note: {save_dir / LOCK_FILE}: taking over the lock of a run that ended without releasing it ({left})")
-    handle.truncate(0)
-    handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-    handle.flush()
-    return handle
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip()
