@@ -100,3 +100,11 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5])
+def test_warmup_ratio_is_refused_outside_0_to_1_exclusive(ratio):
+    """warmup_ratio 1.0 would warm up over the whole run: the schedule would never reach its peak lr or decay."""
+    with pytest.raises(ConfigError, match=f"key 'warmup_ratio': must be in \\[0, 1\\), got {ratio}"):
+        config_from_dict({**BASE, "warmup_ratio": ratio}, "my.yaml")
+    assert config_from_dict({**BASE, "warmup_ratio": 0.999}, "my.yaml").warmup_ratio == 0.999
