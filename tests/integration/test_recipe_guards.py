@@ -154,6 +154,7 @@ def test_relaunching_a_finished_run_reports_it_done_and_changes_nothing(straight
         assert run.main([str(config)]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {save_dir / 'checkpoint_2'} (epoch 2)" in out
+    assert "8 in all, 0 to go" in out and "done in " in out and "last epoch 2: " in out
     assert feed.orders == []  # nothing trained
     after = {p: p.read_bytes() for p in sorted(save_dir.rglob("*")) if p.is_file() and p.name != "config.yaml"}
     assert after == before
