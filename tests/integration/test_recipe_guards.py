@@ -40,12 +40,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def data_slice(tmp_path: Path, n_train: int, n_val: int) -> dict[str, str]:
-    """Config keys for the first n_train / n_val demo records (their images stay where they are)."""
+def data_slice(tmp_path: Path, train: int | range, n_val: int) -> dict[str, str]:
+    """Config keys for the first `train` demo train records (or those of a range) and the first n_val val
+    records (their images stay where they are)."""
     keys = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        path = tmp_path / f"{split}_{n}.json"
-        path.write_text(json.dumps(json.loads((DEMO / f"{split}.json").read_text())[:n]))
+    for split, chosen in (("train", train), ("val", range(n_val))):
+        chosen = range(chosen) if isinstance(chosen, int) else chosen
+        records = json.loads((DEMO / f"{split}.json").read_text())
+        path = tmp_path / f"{split}_{chosen.start}_{chosen.stop}.json"
+        path.write_text(json.dumps([records[i] for i in chosen]))
         keys[f"{split}_path"] = str(path)
     return keys
 
@@ -258,7 +261,7 @@ def test_two_ranks_equal_one_in_gradients_loss_and_an_odd_evaluation(tmp_path, t
     are the same (the loss divides by the label count of all ranks). Evaluation over 5 records (rank 1
     gets a filler copy of record 0 that must not count): the same metrics and predictions, in record order."""
     keys = dict(num_epochs=1, epochs_per_stage=1, lr=0.0, max_grad_norm=1.0, num_workers=0, max_new_tokens=8)
-    data = data_slice(tmp_path, 4, 5)
+    data = data_slice(tmp_path, range(4, 8), 5)  # 2 and 3 steps: the ranks' label counts differ
     two = demo_config(tmp_path, tiny_model_dir, name="two", batch_size_training=2, batch_size_eval=2, **keys, **data)
     recorded_ranks(two, tmp_path / "two.pt")
     one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "one", batch_size_training=4, **{**keys, **data})
