@@ -12,6 +12,9 @@ trainer shards it (distributed.shard):
   a new epoch): {"plain_after_eval": parameters left gathered (plain tensors), "stale_refused":
   check_optimizer_params refused one built then, "fresh_state_entries": state entries of one built
   after release_gathered and stepped, "trainable": trainable parameters}.
+- `uneven_latents`: rank 0's batch has latents (2 per sample), rank 1's none; each normalises by the
+  global label count. Against one unsharded process on all four samples: {"loss": [the ranks' summed
+  losses, the process's], "max_grad_diff": ..., "max_grad": ...}.
 """
 
 from __future__ import annotations
@@ -128,19 +131,62 @@ def fresh_optimizer(coconut: Coconut) -> dict[str, Any]:
     }  # (the full state is gathered on rank 0, which reports)
 
 
-def main(checks: list[str]) -> None:
+def uneven_latents(_: Coconut) -> dict[str, Any]:
+    features = [
+        [sample([5, 6, 7], 2, [10, 11, EOS]), sample([8, 9], 2, [12, 13, 14, EOS])],  # rank 0: latents
+        [sample([20, 21, 22], 0, [23, EOS]), sample([24], 0, [25, 26, EOS])],  # rank 1: markers, no latents
+    ]
+    collate = MyCollator(PAD, LATENT)
+    batch = collate(features[dist.get_rank()])
+    labels = torch.tensor(float((batch.labels[:, 1:] != -100).sum()))
+    dist.all_reduce(labels)
+    sharded = sharded_coconut()
+    loss = sharded(batch, num_items_in_batch=labels / dist.get_world_size()).loss
+    loss.backward()
+    release_gathered(sharded.base_causallm.model.layers)  # the decoder layers' gradients reduced, as a step does
+    ours = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+    summed = loss.detach().clone()
+    dist.all_reduce(summed)
+    model = tiny_lm(seed=0).train()
+    reference = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    ref_loss = reference(collate(features[0] + features[1])).loss
+    ref_loss.backward()
+    ref = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    return {
+        "loss": [float(summed) / dist.get_world_size(), float(ref_loss)],
+        "same_parameters": sorted(ours) == sorted(ref),
+        "max_grad_diff": max(float((ours[k] - ref[k]).abs().max()) for k in ref.keys() & ours.keys()),
+        "max_grad": max(float(g.abs().max()) for g in ref.values()),
+    }
+
+
+CHECKS = {
+    "collectives": collectives,
+    "compiled": compiled,
+    "fresh_optimizer": fresh_optimizer,
+    "uneven_latents": uneven_latents,
+}
+
+
+def run_checks(checks: list[str]) -> dict[str, Any] | None:
+    """The checks' results on rank 0 (None on the others), in a process group joined and left here."""
     dist.init_process_group("gloo")
     coconut = sharded_coconut()
-    run = {"collectives": collectives, "compiled": compiled, "fresh_optimizer": fresh_optimizer}
-    result = {check: run[check](coconut) for check in checks}
-    if dist.get_rank() == 0:
-        print(json.dumps(result), flush=True)
+    result = {check: CHECKS[check](coconut) for check in checks}
     # Drop FSDP's state (and the collective handles it keeps) while the process group is alive:
     # tearing gloo down under them aborts the process now and then.
     del coconut
     gc.collect()
     dist.barrier()
+    rank = dist.get_rank()
     dist.destroy_process_group()
+    return result if rank == 0 else None
+
+
+def main(checks: list[str]) -> None:
+    result = run_checks(checks)
+    if result is not None:
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -67,6 +72,38 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     """run.py CONFIG [ARGS] under torchrun (launch)."""
     return launch(REPO / "run.py", config, *args, nproc=nproc, timeout=timeout, env=env)
+
+
+def forked_ranks(rank_main: Callable[[int], int], world: int = 2, timeout: float = 120) -> None:
+    """rank_main(rank) in `world` processes forked from this one, with the environment torchrun gives its
+    ranks (gloo then joins them): a multi-rank run without importing anything again. Each must return 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pids = []
+    for rank in range(world):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                ranks = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world}
+                os.environ.update({k: str(v) for k, v in ranks.items()}, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                status = rank_main(rank)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    deadline, statuses = time.monotonic() + timeout, {}
+    while len(statuses) < world and time.monotonic() < deadline:
+        for pid in pids:
+            if pid not in statuses and (done := os.waitpid(pid, os.WNOHANG))[0]:
+                statuses[pid] = os.waitstatus_to_exitcode(done[1])
+        time.sleep(0.05)
+    for pid in set(pids) - set(statuses):  # past the timeout: a hang
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert [statuses.get(pid) for pid in pids] == [0] * world, statuses
 
 
 def demo_config(tmp_path: Path, tiny_model_dir: Path, name: str = "run", **overrides) -> Path:

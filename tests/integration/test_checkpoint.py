@@ -43,6 +43,25 @@ def test_pruning_keeps_the_newest_epoch_checkpoints_the_best_one_and_no_older_st
     assert _names(tmp_path) == ["checkpoint_2", "checkpoint_4", "checkpoint_5", "metrics.jsonl", "step_31"]
 
 
+def test_the_newest_checkpoint_is_the_most_progress_not_the_latest_name(tmp_path):
+    """Progress orders checkpoints: epoch, then micro-batches into the next epoch; names sort otherwise
+    (checkpoint_10 < checkpoint_9 < step_95 as text)."""
+    _checkpoint(tmp_path, "checkpoint_9", epoch=9)
+    _checkpoint(tmp_path, "checkpoint_10", epoch=10)
+    _checkpoint(tmp_path, "step_95", epoch=9, batch=4, ranks=0)  # in epoch 10: older than checkpoint_10
+    assert ckpt.newest_checkpoint(tmp_path)[0] == tmp_path / "checkpoint_10"
+    _checkpoint(tmp_path, "step_102", epoch=10, batch=2, ranks=0)  # in epoch 11
+    _checkpoint(tmp_path, "step_101", epoch=10, batch=1, ranks=0)
+    assert ckpt.newest_checkpoint(tmp_path)[0] == tmp_path / "step_102"
+    assert [p.name for p, _ in ckpt.find_checkpoints(tmp_path)] == [
+        "checkpoint_9",
+        "step_95",
+        "checkpoint_10",
+        "step_101",
+        "step_102",
+    ]
+
+
 def test_a_run_saves_its_resolved_config_a_record_in_each_checkpoint_and_keeps_save_total_limit(
     tmp_path, tiny_model_dir
 ):

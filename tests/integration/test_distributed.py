@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import run
-from tests.helpers.runs import demo_config, launch, metrics, torchrun, weights
+from tests.helpers import fsdp_worker
+from tests.helpers.runs import demo_config, forked_ranks, launch, metrics, torchrun, weights
 
 # Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
 # receive only rounding noise, which Adam's normalisation turns into full-size random steps.
@@ -44,6 +45,27 @@ def worker() -> dict:
     result = launch("-m", "tests.helpers.fsdp_worker", "collectives", "fresh_optimizer", "compiled", timeout=300)
     assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_rank_without_latents_beside_one_with_them_equals_one_process(tmp_path):
+    """Rank 1's batch has no latents while rank 0's has two per sample: rank 1 runs the same number of
+    latent passes as dummies, which must leave its loss and every gradient as one unsharded process's on
+    all four samples (2 ranks forked from this process: no imports to repeat)."""
+    out = tmp_path / "result.json"
+
+    def rank_main(rank: int) -> int:
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        result = fsdp_worker.run_checks(["uneven_latents"])
+        if result is not None:
+            out.write_text(json.dumps(result))
+        return 0
+
+    forked_ranks(rank_main)
+    result = json.loads(out.read_text())["uneven_latents"]
+    assert result["same_parameters"], result
+    assert result["loss"][0] == pytest.approx(result["loss"][1], rel=1e-5), result
+    assert result["max_grad_diff"] <= 1e-5 * result["max_grad"], result
 
 
 @pytest.mark.slow

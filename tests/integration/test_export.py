@@ -161,6 +161,16 @@ def test_dtype_defaults_to_the_training_precision(trained, tmp_path):
     assert dtypes(tmp_path / "default_bf16") == {torch.bfloat16}
 
 
+def test_an_fp16_run_exports_fp16_by_default_and_fp32_on_request(trained, tmp_path):
+    source = variant(trained, tmp_path, fp16=True)
+    assert run.main(["--export", str(source), str(tmp_path / "default_fp16")]) == 0
+    saved = load_file(tmp_path / "default_fp16" / "model.safetensors")
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float16}
+    assert run.main(["--export", str(source), str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    saved = load_file(tmp_path / "fp32" / "model.safetensors")
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.float32}
+
+
 def test_infer_on_the_export_equals_infer_on_the_checkpoint(trained, tmp_path, capsys):
     out = tmp_path / "export"
     assert run.main(["--export", str(trained), str(out)]) == 0

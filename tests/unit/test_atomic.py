@@ -173,3 +173,73 @@ def test_leftovers_cleanup_removes_only_its_own_names_of_writers_gone(tmp_path):
     assert files(tmp_path / "checkpoint_3") == {"f": "checkpoint_3"}  # a user's own: not replaced by a temp
     atomic.remove_leftovers(tmp_path, everyone=True)  # the caller knows nobody writes there
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+# --- durability (power loss, which no kill shows) ----------------------------------------------------
+
+
+class FileSystemLog:
+    """os.fsync, os.replace and os.rename intercepted: what each fsync covered (the path its descriptor
+    names, and a file's bytes then), and every rename with the files it published."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.events: list[tuple[str, Path, object]] = []
+        fsync, replace, rename = os.fsync, os.replace, os.rename
+
+        def logged_fsync(fd: int) -> None:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            self.events.append(("fsync", path, path.read_bytes() if path.is_file() else None))
+            fsync(fd)
+
+        def logged(real):
+            def move(src, dst, *args, **kwargs):
+                src = Path(src)
+                published = {p: p.read_bytes() for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file()}
+                self.events.append(("rename", Path(dst), published))
+                real(src, dst, *args, **kwargs)
+
+            return move
+
+        monkeypatch.setattr(os, "fsync", logged_fsync)
+        monkeypatch.setattr(os, "replace", logged(replace))
+        monkeypatch.setattr(os, "rename", logged(rename))
+
+    def assert_durable(self, final: Path) -> None:
+        """Every file a rename published was fsynced before it, with the bytes it was published with, and
+        the directory that received `final` was fsynced after the last such rename."""
+        renames = [  # to a final name: an old directory moved aside publishes nothing
+            i
+            for i, (kind, dst, _) in enumerate(self.events)
+            if kind == "rename" and not dst.name.startswith(atomic.TMP_PREFIX)
+        ]
+        assert renames, "nothing was renamed into place"
+        for i in renames:
+            published = self.events[i][2]
+            synced = {path: data for kind, path, data in self.events[:i] if kind == "fsync"}
+            for path, data in published.items():
+                assert path.resolve() in {p.resolve() for p in synced}, f"{path} renamed into place unsynced"
+                assert synced[next(p for p in synced if p.resolve() == path.resolve())] == data, f"{path} changed"
+        after = [path.resolve() for kind, path, _ in self.events[renames[-1] + 1 :] if kind == "fsync"]
+        assert final.parent.resolve() in after, f"{final.parent} not fsynced after the rename"
+
+
+def test_a_file_is_fsynced_before_its_rename_and_its_directory_after(tmp_path, monkeypatch):
+    log = FileSystemLog(monkeypatch)
+    atomic.write_text(tmp_path / "a.txt", "new")
+    log.assert_durable(tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_every_file_of_a_directory_is_fsynced_before_its_rename_and_the_parent_after(tmp_path, monkeypatch, existing):
+    final = tmp_path / "ckpt"
+    if existing:
+        write_dir(final, {"old.txt": "old"})
+    log = FileSystemLog(monkeypatch)
+    with atomic.atomic_dir(final) as tmp:
+        write_dir(tmp, {"a.txt": "a", "b.bin": "b" * 10_000})
+        write_dir(tmp / "model", {"weights": "w"})
+    assert files(final) == {"a.txt": "a", "b.bin": "b" * 10_000, "model/weights": "w"}
+    log.assert_durable(final)
+    published = [data for kind, path, data in log.events if kind == "rename" and path == final]
+    assert len(published) == 1 and len(published[0]) == 3  # the new directory's three files, each checked

@@ -166,6 +166,38 @@ def test_filled_embeds_only_on_request_and_equal_naive_filling():
     torch.testing.assert_close(filled[mask.bool()], embeds[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
+def test_logged_norms_are_the_mean_thought_and_text_token_embedding_norms():
+    """thought_norm: the mean norm of the batch's thoughts (the hidden states that fill the latents, filled one
+    at a time by full forwards here); token_norm: the mean input-embedding norm over real text tokens, neither
+    padding nor latent placeholders (whose embedding is a learned row no sample sees)."""
+    model = tiny_lm()
+    coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)
+    batch = mixed_batch()
+    mask = batch.attention_mask.bool()
+    with torch.no_grad():
+        out = coconut(batch)
+        embeds = model.get_input_embeddings()(batch.input_ids)
+        text = mask & (batch.input_ids != LATENT)
+        assert text.sum() < mask.sum()  # the batch has latents: counting them would change the mean
+        latents = [(row == LATENT).nonzero().flatten().tolist() for row in batch.input_ids]
+        thoughts = []
+        for i in range(max(map(len, latents))):
+            hidden = model(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                output_hidden_states=True,
+            ).hidden_states[-1]
+            for b, pos in enumerate(latents):
+                if len(pos) > i:
+                    embeds[b, pos[i]] = hidden[b, pos[i] - 1]
+                    thoughts.append(float(hidden[b, pos[i] - 1].norm()))
+        token_norms = model.get_input_embeddings()(batch.input_ids).norm(dim=-1)
+    assert len(thoughts) == 6
+    assert float(out.thought_norm) == pytest.approx(sum(thoughts) / len(thoughts), rel=1e-5)
+    assert float(out.token_norm) == pytest.approx(float(token_norms[text].mean()), rel=1e-6)
+
+
 def test_global_normalisation_divides_by_given_count():
     model = tiny_lm()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD)

@@ -111,3 +111,11 @@ def test_metrics_sinks_lists_known_sinks_once():
     for bad in (["mlflow"], ["wandb", "wandb"], "tensorboard"):
         with pytest.raises(ConfigError, match="metrics_sinks"):
             config_from_dict({**base, "metrics_sinks": bad})
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5])
+def test_warmup_ratio_is_refused_outside_0_to_1_exclusive(ratio):
+    """warmup_ratio 1.0 would warm up over the whole run: the schedule would never reach its peak lr or decay."""
+    with pytest.raises(ConfigError, match=f"key 'warmup_ratio': must be in \\[0, 1\\), got {ratio}"):
+        config_from_dict({**BASE, "warmup_ratio": ratio}, "my.yaml")
+    assert config_from_dict({**BASE, "warmup_ratio": 0.999}, "my.yaml").warmup_ratio == 0.999

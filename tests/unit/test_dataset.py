@@ -248,3 +248,18 @@ def test_bad_json_lines_name_the_line(tmp_path, content, message):
     with pytest.raises(DataError, match=message) as e:
         load_records(path)
     assert str(path) in str(e.value)
+
+
+def test_at_max_latent_stage_the_steps_past_the_cap_stay_text(tok, data_file):
+    """Stage == max_latent_stage is still a stage (the original's `scheduled_stage > max_latent_stage` test):
+    a record with more steps than the cap keeps its later steps as supervised text; only beyond it do all go."""
+    base = get_dataset(data_file, tok)
+    config = cfg(max_latent_stage=2)
+    three = base[3]  # three steps
+    at_max, beyond = (get_cot_latent_dataset(stage, base, config, IDS)[3] for stage in (2, 3))
+    latents = [IDS.start, IDS.latent, IDS.latent, IDS.end]
+    assert (
+        at_max["input_ids"]
+        == three["question_tokenized"] + latents + three["steps_tokenized"][2] + three["answer_tokenized"]
+    )
+    assert beyond["input_ids"] == three["question_tokenized"] + latents + three["answer_tokenized"]

@@ -391,3 +391,26 @@ def test_num_tiles_from_size_matches_tiling(size):
     transform = ImageTransform(image_size=56, max_tiles=12)
     image = Image.new("RGB", size)
     assert transform.num_tiles(*size) == transform(image).shape[0]
+
+
+@pytest.mark.parametrize("orientation", [5, 7])
+def test_transposing_exif_orientations_swap_the_size_and_move_the_pixels(tmp_path, orientation):
+    """Orientations 5 (transpose: mirror about the main diagonal) and 7 (transverse: the other diagonal)
+    swap width and height, in decoded_size too. Every pixel lands where numpy's transpose puts it."""
+    data = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3  # 6 wide x 4 high, every pixel distinct
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "t.png"  # lossless: exact pixels
+    Image.fromarray(data, "RGB").save(path, exif=exif.tobytes())
+    expected = data.transpose(1, 0, 2) if orientation == 5 else data[::-1, ::-1].transpose(1, 0, 2)
+    loaded = load_image(path)
+    assert loaded.size == decoded_size(path) == (4, 6)
+    np.testing.assert_array_equal(rgb(loaded), expected)
+
+
+def test_16bit_scaling_divides_by_257_where_256_rounds_apart(tmp_path):
+    """65535 maps to 255: the scale is 255/65535 = 1/257. Each value here rounds differently under 1/256."""
+    values = np.array([[51400, 65000, 2690]], np.uint16)
+    assert (np.rint(values / 257.0) != np.rint(values / 256.0)).all()
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    np.testing.assert_array_equal(rgb(load_image(tmp_path / "g16.png"))[0, :, 0], np.rint(values[0] / 257.0))
