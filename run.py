@@ -49,9 +49,9 @@ def train_mode(args: argparse.Namespace) -> int:
     check_paths(config, origin)
     check_launch(config, origin)
     maybe_build_demo_model(config)
-    from training.trainer import run  # heavy imports only after the config is known to be good
+    from training.trainer import train  # heavy imports only after the config is known to be good
 
-    run(config)
+    train(config)
     return 0
 
 

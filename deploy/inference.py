@@ -18,25 +18,21 @@ steps. `--data FILE.json` answers records (with their steps) in batches, exactly
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coconut import Coconut
-from dataset import DataError, LatentIds, MyCollator, get_question_latent_dataset, load_records, tokenize_records
-from modeling.assembly import load_base_model, load_processor, tokenizer_of
-from modeling.lora import apply_lora, load_adapter
-from multimodal.collator_mm import MultimodalCollator
+from dataset import DataError, get_question_latent_dataset, load_records, tokenize_records
+from modeling.assembly import Assembly, assemble
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage.checkpoints import CheckpointError, model_dir_of
 from storage.saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run
-from training.distributed import DistInfo, mixed_precision_dtype
+from training.distributed import DistInfo
 from training.evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
 from utils import Config
 
@@ -46,18 +42,11 @@ REPLY_KEYS = ("question", "answer", "output", "latents", "thoughts")
 class Inference:
     """A trained model directory, loaded once, answering questions as evaluation does."""
 
-    def __init__(self, model: Coconut, processor: Any, run: SavedRun, stage: int, device: torch.device) -> None:
-        self.model, self.processor, self.run = model, processor, run
-        self.tokenizer = tokenizer_of(processor)
-        self.config, self.stage = run.config, stage
-        self.ids = LatentIds(**run.latent_token_ids)
+    def __init__(self, parts: Assembly, run: SavedRun, stage: int, device: torch.device) -> None:
+        self.model, self.processor, self.tokenizer = parts.model, parts.processor, parts.tokenizer
+        self.run, self.config, self.stage = run, run.config, stage
+        self.ids, self.collate, self.autocast = parts.ids, parts.collate, parts.autocast
         self.info = DistInfo(0, 1, 0, device)  # one process
-        dtype = mixed_precision_dtype(self.config.bf16, self.config.fp16)  # the training's compute precision
-        self.autocast: Callable = (
-            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-        )
-        collator = MultimodalCollator if self.config.multimodal else MyCollator
-        self.collate = collator(self.tokenizer.pad_token_id, self.ids.latent)
 
     @classmethod
     def load(cls, path: str | Path, stage: int | None = None, device: str | torch.device | None = None) -> Inference:
@@ -71,31 +60,10 @@ class Inference:
                 f"{model_dir}: no {SAVED_RUN_FILE}: not a model directory this project wrote "
                 "(inference needs the run's prompt format, stage and latent tokens)"
             )
-        config = run.config
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        processor = load_processor(model_dir, config.multimodal)
-        tokenizer = tokenizer_of(processor)
-        if tokenizer.pad_token_id is None:  # as the trainer does for GPT-2-style tokenizers
-            tokenizer.pad_token = tokenizer.eos_token
-        names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
-        wrong = {k: v for k, v in run.latent_token_ids.items() if tokenizer.convert_ids_to_tokens(v) != names[k]}
-        if wrong:
-            raise CheckpointError(f"{model_dir / SAVED_RUN_FILE}: latent token ids {wrong} do not match the tokenizer")
-        base = load_base_model(model_dir, config.multimodal, config.trust_remote_code)
-        if config.uses_lora:  # the adapters as training evaluated them: not merged
-            apply_lora(base, config, LatentIds(**run.latent_token_ids) if config.uses_markers else None)
-            load_adapter(base, model_dir)
-        ids = run.latent_token_ids
-        model = Coconut(
-            base,
-            ids["latent"],
-            ids["start"],
-            ids["end"],
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            feed_thoughts=run.config.feeds_thoughts,
-        )
-        return cls(model.to(device).eval(), processor, run, run.stage if stage is None else stage, device)
+        parts = assemble(run.config, model_dir, device, restore=True)
+        parts.model.eval()
+        return cls(parts, run, run.stage if stage is None else stage, device)
 
     def ask(
         self,

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from modeling.assembly import grow_embeddings
+from modeling.loading import grow_embeddings
 from modeling.lora import save_adapter, split_state
 from storage import atomic
 from training.distributed import all_reduce_host
