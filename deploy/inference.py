@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -127,54 +126,23 @@ class Inference:
         )
 
 
-def cli(argv: Sequence[str]) -> int:
-    """`run.py --infer ...` (run.py hands every argument here)."""
-    from run import USER_ERRORS, one_line  # the CLI's error contract: one line, exit status 2
-
-    parser = argparse.ArgumentParser(prog="run.py --infer", description="answer questions with a trained model")
-    parser.add_argument("--infer", required=True, metavar="CHECKPOINT", help="checkpoint_N/, its model/, or an export")
-    parser.add_argument("--question", help="the question to answer")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
-    parser.add_argument("--video", metavar="PATH", help="a video (instead of images)")
-    parser.add_argument("--data", metavar="FILE.json", help="answer every record of a data file, in batches")
-    parser.add_argument("--image-dir", metavar="DIR", help="with --data: root of its image paths (default: the run's)")
-    parser.add_argument(
-        "--output", metavar="FILE.jsonl", help="with --data: predictions file (default: FILE.predictions.jsonl here)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--top-k", type=int, default=THOUGHT_TOP_K, metavar="K", help="tokens shown per thought")
-    parser.add_argument("--stage", type=int, metavar="N", help="curriculum stage (default: the checkpoint's)")
-    args = parser.parse_args(argv)
-    if (args.question is None) == (args.data is None):
-        parser.error("give --question TEXT (with --image/--video) or --data FILE.json")
-    if args.data and (args.image or args.video):
-        parser.error("--image/--video go with --question; a data file names its own media")
-    if args.question and (args.image_dir or args.output):
-        parser.error("--image-dir/--output go with --data")
-    if args.image and args.video:
-        parser.error("give --image or --video, not both")
-    if args.top_k < 1 or (args.stage is not None and args.stage < 0):
-        parser.error("--top-k must be >= 1 and --stage >= 0")
-    try:
-        model = Inference.load(args.infer, stage=args.stage)
-        if args.data:
-            result = model.answer_file(args.data, args.image_dir, args.top_k)
-            out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
-            summary = {
-                "predictions": str(out),
-                "accuracy": result.accuracy,
-                "correct": result.correct,
-                "total": result.total,
-                "stage": model.stage,
-            }
-            print(json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items()))
-            return 0
-        reply = model.ask(args.question, args.image, args.video, args.top_k)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply))
-    return 0
+def answer(args: argparse.Namespace) -> str:
+    """`run.py --infer CHECKPOINT ...` (run.py's parser has checked the options): the text to print."""
+    model = Inference.load(args.infer, stage=args.stage)
+    top_k = THOUGHT_TOP_K if args.top_k is None else args.top_k
+    if args.data:
+        result = model.answer_file(args.data, args.image_dir, top_k)
+        out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
+        summary = {
+            "predictions": str(out),
+            "accuracy": result.accuracy,
+            "correct": result.correct,
+            "total": result.total,
+            "stage": model.stage,
+        }
+        return json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items())
+    reply = model.ask(args.question, args.image or (), args.video, top_k)
+    return json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply)
 
 
 def _readable(reply: dict[str, Any]) -> str:

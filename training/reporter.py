@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,11 @@ TRAIN_LOG_FILE = "train_log.jsonl"  # one line per logged optimizer step
 class Reporter:
     """A run's output. Rank 0 prints and writes; every rank keeps the metrics (the run's result)."""
 
-    def __init__(self, config: Config, info: DistInfo, save_dir: Path, writes: bool) -> None:
+    def __init__(
+        self, config: Config, info: DistInfo, save_dir: Path, writes: bool, overrides: Sequence[str] = ()
+    ) -> None:
         self.config, self.info, self.save_dir, self.writes = config, info, save_dir, writes
+        self.overrides = tuple(overrides)  # the command line's, that applied: said in the start summary
         self.metrics: list[dict[str, Any]] = []
         self.started = time.perf_counter()
         self.logger: MetricLogger = MultiLogger([])
@@ -87,6 +91,7 @@ class Reporter:
             steps_done=state.step,
             save_dir=self.save_dir,
             writes=self.writes,
+            overrides=self.overrides,
         )
         self.print("\n".join(lines))
         if info.is_main:  # the console, train_log.jsonl (unless debug or eval-only), wandb (unless debug or disabled)

@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ from training.setup import DEBUG_TRAIN_SIZE, DEBUG_VAL_SIZE, build_model, load_s
 from utils import Config, set_seed
 
 
-def train(config: Config) -> dict[str, Any]:
-    """Train (or evaluate) as the config says; returns the per-epoch metrics.
+def train(config: Config, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train (or evaluate) as the config says; returns the per-epoch metrics. overrides: the command
+    line's KEY=VALUE texts that made the config, for the start summary.
 
     A stop signal ends it with Preempted (SystemExit, status 75) after a checkpoint, its one line printed.
     """
@@ -51,7 +53,7 @@ def train(config: Config) -> dict[str, Any]:
     try:
         writes = not (config.debug or config.only_eval)
         with stop if writes else contextlib.nullcontext():  # stop signals only where a checkpoint can be written
-            trainer = Trainer(config, info, stop)
+            trainer = Trainer(config, info, stop, overrides)
             with contextlib.closing(
                 trainer.reporter
             ):  # also when an error unwinds: its message starts on a line of its own
@@ -71,11 +73,11 @@ def train(config: Config) -> dict[str, Any]:
 class Trainer:
     """One run: its parts, built in the constructor, and the loop over epochs and optimizer steps."""
 
-    def __init__(self, config: Config, info: DistInfo, stop: StopRequests) -> None:
+    def __init__(self, config: Config, info: DistInfo, stop: StopRequests, overrides: Sequence[str] = ()) -> None:
         self.config, self.info, self.stop = config, info, stop
         self.save_dir = Path(config.save_path) / config.name
         self.writes = not (config.debug or config.only_eval)
-        self.reporter = Reporter(config, info, self.save_dir, self.writes)
+        self.reporter = Reporter(config, info, self.save_dir, self.writes, overrides)
         try:
             set_seed(config.seed)
             resume = find_resume(config, info, self.save_dir, self.reporter.print) if self.writes else None
