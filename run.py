@@ -113,7 +113,12 @@ MODES: dict[str, Mode] = {
                 "--output", metavar="FILE.jsonl", help="with --data: predictions file (default: FILE.predictions.jsonl)"
             ),
             option("--json", action="store_true", help="print one JSON object"),
-            option("--top-k", type=int, metavar="K", help="tokens shown per thought (default: 5)"),
+            option(
+                "--top-k",
+                type=int,
+                metavar="K",
+                help="tokens shown per thought (default: as many as the predictions files keep)",
+            ),
             option("--stage", type=int, metavar="N", help="curriculum stage (default: the checkpoint's)"),
         ),
         infer_usage_error,
