@@ -184,6 +184,10 @@ class Checkpointer:
         """Whether the epoch about to start is the rest of one a step checkpoint saved."""
         return self.pending and self.resume.mid_epoch
 
+    def resumed(self) -> None:
+        """The resumed checkpoint's state is taken (its first epoch has begun): later epochs start afresh."""
+        self.pending = False
+
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The resumed checkpoint's optimizer state, where it has one and this epoch takes it."""
         if not self.pending:

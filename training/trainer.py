@@ -209,7 +209,7 @@ class Trainer:
         loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # this rank's summed CE, label count
         if mid_epoch:
             self.checkpointer.restore_rank_part(loss_sum, self.scaler)
-        self.checkpointer.pending = False
+        self.checkpointer.resumed()
         self.parts.model.train()
         self.reporter.start_epoch(epoch, stage)
         while True:
