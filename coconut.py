@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from dataset import Batch, LatentLayoutError
+from dataset import IGNORE_INDEX, Batch, LatentLayoutError
 from modeling.decoder_steps import (
     CacheGreedyDecoder,
     GreedyDecoder,
@@ -31,8 +31,6 @@ from modeling.decoder_steps import (
     capture_cuda_graph,
 )
 from modeling.hf_compat import cache_keyword
-
-IGNORE_INDEX = -100
 
 
 class ImageFeatureMismatch(ValueError):

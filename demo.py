@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if status != 0:
         return status
 
-    from training.trainer import METRICS_FILE, read_metrics  # loaded by now
+    from training.reporter import METRICS_FILE, read_metrics  # loaded by now
 
     save_dir = Path(config.save_path) / config.name
     history = read_metrics(save_dir / METRICS_FILE)

@@ -264,6 +264,13 @@ def _override_key(text: str) -> str:
     return text.partition("=")[0].strip()
 
 
+def latest_overrides(texts: Sequence[str]) -> tuple[str, ...]:
+    """The KEY=VALUE overrides that apply: of a key given twice, the last (as HF, torchtune and ms-swift
+    read a command line); texts without a key are kept, for the config check to refuse."""
+    last = {_override_key(text): i for i, text in enumerate(texts) if "=" in text and _override_key(text)}
+    return tuple(t for i, t in enumerate(texts) if last.get(_override_key(t), i) == i or "=" not in t)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
 
@@ -296,7 +303,8 @@ def _read_yaml(text: str, where: str) -> Any:
 
 
 def _parse_overrides(origin: Origin) -> dict[str, Any]:
-    """KEY=VALUE texts → {key: value}, each value read as YAML, as it would be in the file."""
+    """KEY=VALUE texts → {key: value}, each value read as YAML, as it would be in the file; a key given
+    twice takes the last value."""
     values: dict[str, Any] = {}
     for text in origin.overrides:
         where = f"{origin.file}: override '{text}'"
@@ -304,8 +312,6 @@ def _parse_overrides(origin: Origin) -> dict[str, Any]:
         key = key.strip()
         if not equals or not key:
             raise ConfigError(f"{where}: expected KEY=VALUE")
-        if key in values:
-            raise ConfigError(f"{where}: key '{key}' is overridden twice")
         values[key] = _read_yaml(value, where)
     return values
 
@@ -370,7 +376,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", overrides: S
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
-    origin = Origin(source, tuple(overrides))
+    origin = Origin(source, latest_overrides(overrides))
     values: dict[str, Any] = {}
     for key, value in {**raw, **_parse_overrides(origin)}.items():
         if key not in _HINTS:

@@ -56,8 +56,9 @@ import transformers
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, InternVLConfig
 
-from coconut import IGNORE_INDEX, Coconut
-from dataset import Batch
+from coconut import Coconut
+from dataset import IGNORE_INDEX, Batch, LatentIds
+from modeling.assembly import coconut_of
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
 from multimodal.internvl import internvl3_config
@@ -622,16 +623,7 @@ def compiled_coconut(mode: str) -> Callable[[Bench], dict[str, Any]]:
     """coconut with compile_latent_passes=mode; the first step (the compile) is timed on its own."""
 
     def measure(bench: Bench) -> dict[str, Any]:
-        plain = bench.coconut
-        coconut = Coconut(
-            bench.model,
-            plain.latent_token_id,
-            plain.start_latent_id,
-            plain.end_latent_id,
-            plain.eos_token_id,
-            plain.pad_token_id,
-            compile_latent_passes=mode,
-        )
+        coconut = bench_coconut(bench.model, bench.ids, compile_latent_passes=mode)
         start = time.perf_counter()
         coconut(bench.batch).loss.backward()
         _sync(bench.args.device)
@@ -639,6 +631,13 @@ def compiled_coconut(mode: str) -> Callable[[Bench], dict[str, Any]]:
         return {**coconut_step(bench, coconut), "first_step_s": round(first_step_s, 2)}
 
     return measure
+
+
+def bench_coconut(model: nn.Module, ids: TokenIds, **options: Any) -> Coconut:
+    """The model's Coconut as the assembly wraps it; eos_token_id -1 is unreachable: every decode run
+    generates exactly --new-tokens tokens."""
+    latent_ids = LatentIds(ids.start_latent, ids.latent, ids.end_latent)
+    return coconut_of(model, latent_ids, eos_token_id=-1, pad_token_id=ids.pad, **options)
 
 
 def mode_naive(bench: Bench) -> dict[str, Any]:
@@ -879,8 +878,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.modes = [m for m in MODES if m not in OPT_IN_MODES and (m not in CUDA_ONLY_MODES or cuda)]
     torch.manual_seed(args.seed)
     model, ids, params = build_model(args)
-    # eos_token_id -1 is unreachable: every decode run generates exactly --new-tokens tokens.
-    coconut = Coconut(model, ids.latent, ids.start_latent, ids.end_latent, eos_token_id=-1, pad_token_id=ids.pad)
+    coconut = bench_coconut(model, ids)
     layout = Layout(
         args.batch, args.tiles, ids.image.per_tile * args.tiles, args.question, args.latents, args.answer, args.ragged
     )

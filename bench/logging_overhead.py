@@ -1,9 +1,9 @@
 """What the run's own reporting costs: `python -m bench.logging_overhead [CONFIG] [KEY=VALUE ...]`.
 
 Runs the CLI in this process (default: args/demo.yaml into a temporary save_path) and times, with
-perf_counter, the optimizer steps and the reporting inside them: Run._log_step (the loss / grad
+perf_counter, the optimizer steps and the reporting inside them: Reporter.log_step (the loss / grad
 norm / throughput gathering, train_log.jsonl, the bar's postfix, wandb when on), and the drawing
-of curves.png per evaluation. Prints one JSON line. On a GPU, _log_step's one host sync per
+of curves.png per evaluation. Prints one JSON line. On a GPU, log_step's one host sync per
 logged step is part of what it measures (it waits for the step's kernels).
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import run
-from training import plots, trainer
+from training import plots, reporter, trainer
 
 
 def timed(owner: Any, name: str, into: list[float]) -> None:
@@ -38,14 +38,14 @@ def main(argv: list[str]) -> None:
     logs: list[float] = []
     curves: list[float] = []
     step_ends: list[tuple[int, float]] = []  # (epochs done, when the step ended)
-    real_step = trainer.Run._optimizer_step
+    real_step = trainer.Trainer.optimizer_step
 
     def marking(self, *args, **kwargs):
         real_step(self, *args, **kwargs)
         step_ends.append((self.state.epoch, time.perf_counter()))
 
-    trainer.Run._optimizer_step = marking
-    timed(trainer.Run, "_log_step", logs)
+    trainer.Trainer.optimizer_step = marking
+    timed(reporter.Reporter, "log_step", logs)
     timed(plots.Curves, "update", curves)
     config, overrides = (argv[0], argv[1:]) if argv and "=" not in argv[0] else ("args/demo.yaml", argv)
     with tempfile.TemporaryDirectory() as save_path:

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 
 from dataset import prompt_latents
-from modeling.assembly import load_base_model, load_processor
-from modeling.lora import has_adapter, merge_adapter
+from modeling.assembly import assemble
+from modeling.lora import has_adapter
 from multimodal.prompts import PROMPT_TEMPLATES
 from storage import atomic
 from storage.checkpoints import CheckpointError, model_dir_of, reading
@@ -115,13 +115,11 @@ def export_checkpoint(
     dtype = dtype or ("bf16" if config.bf16 else "fp16" if config.fp16 else "fp32")
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if has_adapter(source):  # a LoRA run: its adapters merged into the weights, a plain model without peft
+        run = dataclasses.replace(run, config=dataclasses.replace(config, use_llm_lora=0, use_backbone_lora=0))
     with reading(source):
-        model = load_base_model(source, config.multimodal, config.trust_remote_code)
-        if has_adapter(source):  # a LoRA run: its adapters merged into the weights, a plain model without peft
-            model = merge_adapter(model, source)
-            run = dataclasses.replace(run, config=dataclasses.replace(config, use_llm_lora=0, use_backbone_lora=0))
-        model = model.to(DTYPES[dtype])
-        processor = load_processor(source, config.multimodal)
+        parts = assemble(run.config, source, torch.device("cpu"))  # not restored: adapters merged
+    model, processor = parts.base.to(DTYPES[dtype]), parts.processor
     configure_processor(processor, run)
     try:
         atomic.remove_leftovers(out_dir.parent, [out_dir.name])  # killed exports to out_dir (their process is gone)

@@ -18,33 +18,20 @@ steps. `--data FILE.json` answers records (with their steps) in batches, exactly
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coconut import Coconut
-from dataset import (
-    DataError,
-    LatentIds,
-    MyCollator,
-    get_question_latent_dataset,
-    load_records,
-    tokenize_records,
-    validate_record,
-)
-from modeling.assembly import load_base_model, load_processor, tokenizer_of
-from modeling.lora import apply_lora, load_adapter
-from multimodal.collator_mm import MultimodalCollator
+from dataset import DataError, get_question_latent_dataset, load_records, tokenize_records, validate_record
+from modeling.assembly import Assembly, assemble
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, tokenize_mm_records
 from storage.checkpoints import CheckpointError, model_dir_of, reading
 from storage.saved_run import SAVED_RUN_FILE, SavedRun, read_saved_run
-from training.distributed import DistInfo, mixed_precision_dtype
+from training.distributed import DistInfo
 from training.evaluation import THOUGHT_TOP_K, GenerationResult, generation_accuracy, write_predictions
 from utils import Config
 
@@ -83,18 +70,11 @@ class Question:
 class Inference:
     """A trained model directory, loaded once, answering questions as evaluation does."""
 
-    def __init__(self, model: Coconut, processor: Any, run: SavedRun, stage: int, device: torch.device) -> None:
-        self.model, self.processor, self.run = model, processor, run
-        self.tokenizer = tokenizer_of(processor)
-        self.config, self.stage = run.config, stage
-        self.ids = LatentIds(**run.latent_token_ids)
+    def __init__(self, parts: Assembly, run: SavedRun, stage: int, device: torch.device) -> None:
+        self.model, self.processor, self.tokenizer = parts.model, parts.processor, parts.tokenizer
+        self.run, self.config, self.stage = run, run.config, stage
+        self.ids, self.collate, self.autocast = parts.ids, parts.collate, parts.autocast
         self.info = DistInfo(0, 1, 0, device)  # one process
-        dtype = mixed_precision_dtype(self.config.bf16, self.config.fp16)  # the training's compute precision
-        self.autocast: Callable = (
-            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-        )
-        collator = MultimodalCollator if self.config.multimodal else MyCollator
-        self.collate = collator(self.tokenizer.pad_token_id, self.ids.latent)
 
     @classmethod
     def load(cls, path: str | Path, stage: int | None = None, device: str | torch.device | None = None) -> Inference:
@@ -108,31 +88,10 @@ class Inference:
                 f"{model_dir}: no {SAVED_RUN_FILE}: not a model directory this project wrote "
                 "(inference needs the run's prompt format, stage and latent tokens)"
             )
-        config = run.config
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        processor = load_processor(model_dir, config.multimodal)
-        tokenizer = tokenizer_of(processor)
-        if tokenizer.pad_token_id is None:  # as the trainer does for GPT-2-style tokenizers
-            tokenizer.pad_token = tokenizer.eos_token
-        names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
-        wrong = {k: v for k, v in run.latent_token_ids.items() if tokenizer.convert_ids_to_tokens(v) != names[k]}
-        if wrong:
-            raise CheckpointError(f"{model_dir / SAVED_RUN_FILE}: latent token ids {wrong} do not match the tokenizer")
-        base = load_base_model(model_dir, config.multimodal, config.trust_remote_code)
-        if config.uses_lora:  # the adapters as training evaluated them: not merged
-            apply_lora(base, config, LatentIds(**run.latent_token_ids) if config.uses_markers else None)
-            load_adapter(base, model_dir)
-        ids = run.latent_token_ids
-        model = Coconut(
-            base,
-            ids["latent"],
-            ids["start"],
-            ids["end"],
-            tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-            feed_thoughts=run.config.feeds_thoughts,
-        )
-        return cls(model.to(device).eval(), processor, run, run.stage if stage is None else stage, device)
+        parts = assemble(run.config, model_dir, device, restore=True)
+        parts.model.eval()
+        return cls(parts, run, run.stage if stage is None else stage, device)
 
     def ask(
         self,
@@ -203,55 +162,24 @@ class Inference:
         )
 
 
-def cli(argv: Sequence[str]) -> int:
-    """`run.py --infer ...` (run.py hands every argument here)."""
-    from run import USER_ERRORS, one_line  # the CLI's error contract: one line, exit status 2
-
-    parser = argparse.ArgumentParser(prog="run.py --infer", description="answer questions with a trained model")
-    parser.add_argument("--infer", required=True, metavar="CHECKPOINT", help="checkpoint_N/, its model/, or an export")
-    parser.add_argument("--question", help="the question to answer")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
-    parser.add_argument("--video", metavar="PATH", help="a video (instead of images)")
-    parser.add_argument("--data", metavar="FILE.json", help="answer every record of a data file, in batches")
-    parser.add_argument("--image-dir", metavar="DIR", help="with --data: root of its image paths (default: the run's)")
-    parser.add_argument(
-        "--output", metavar="FILE.jsonl", help="with --data: predictions file (default: FILE.predictions.jsonl here)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--top-k", type=int, default=THOUGHT_TOP_K, metavar="K", help="tokens shown per thought")
-    parser.add_argument("--stage", type=int, metavar="N", help="curriculum stage (default: the checkpoint's)")
-    args = parser.parse_args(argv)
-    if (args.question is None) == (args.data is None):
-        parser.error("give --question TEXT (with --image/--video) or --data FILE.json")
-    if args.data and (args.image or args.video):
-        parser.error("--image/--video go with --question; a data file names its own media")
-    if args.question and (args.image_dir or args.output):
-        parser.error("--image-dir/--output go with --data")
-    if args.image and args.video:
-        parser.error("give --image or --video, not both")
-    if args.top_k < 1 or (args.stage is not None and args.stage < 0):
-        parser.error("--top-k must be >= 1 and --stage >= 0")
-    try:
-        with reading(args.infer):
-            model = Inference.load(args.infer, stage=args.stage)
-        if args.data:
-            result = model.answer_file(args.data, args.image_dir, args.top_k)
-            out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
-            summary = {
-                "predictions": str(out),
-                "accuracy": result.accuracy,
-                "correct": result.correct,
-                "total": result.total,
-                "stage": model.stage,
-            }
-            print(json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items()))
-            return 0
-        reply = model.ask(args.question, args.image, args.video, args.top_k)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply))
-    return 0
+def answer(args: argparse.Namespace) -> str:
+    """`run.py --infer CHECKPOINT ...` (run.py's parser has checked the options): the text to print."""
+    with reading(args.infer):
+        model = Inference.load(args.infer, stage=args.stage)
+    top_k = THOUGHT_TOP_K if args.top_k is None else args.top_k
+    if args.data:
+        result = model.answer_file(args.data, args.image_dir, top_k)
+        out = write_predictions(args.output or f"{Path(args.data).stem}.predictions.jsonl", result.predictions)
+        summary = {
+            "predictions": str(out),
+            "accuracy": result.accuracy,
+            "correct": result.correct,
+            "total": result.total,
+            "stage": model.stage,
+        }
+        return json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items())
+    reply = model.ask(args.question, args.image or (), args.video, top_k)
+    return json.dumps(reply, ensure_ascii=False) if args.json else _readable(reply)
 
 
 def _absolute(paths: str | list[str]) -> str | list[str]:

@@ -16,7 +16,6 @@ that every refusal is one OpenAI-style error body naming what is wrong.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -27,7 +26,6 @@ import io
 import json
 import queue
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -385,33 +383,3 @@ def main(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, **op
 
 def _stopped(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
-
-
-def cli(argv: Sequence[str]) -> int:
-    """`run.py --serve CHECKPOINT ...` (run.py hands every argument here)."""
-    from run import one_line  # the CLI's error contract: one line, exit status 2
-
-    defaults = ServeOptions()
-    parser = argparse.ArgumentParser(prog="run.py --serve", description="serve a checkpoint's latent loop over HTTP")
-    parser.add_argument("--serve", required=True, metavar="CHECKPOINT", help="checkpoint_N/, its model/, or an export")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", help="the model name clients ask for (default: the checkpoint's dir name)")
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="questions per generate batch")
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, help="wait for batch-mates")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="queued requests before 503")
-    parser.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
-    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes, help="bytes per image")
-    parser.add_argument("--max-prompt-tokens", type=int, default=defaults.max_prompt_tokens, help="question tokens")
-    parser.add_argument("--allow-local-images", action="store_true", help="accept file paths (the server's files)")
-    parser.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    args = vars(parser.parse_args(argv))
-    if min(args["max_batch"], args["max_queue"], args["max_images"], args["max_image_bytes"]) < 1:
-        parser.error("--max-batch, --max-queue, --max-images and --max-image-bytes must be >= 1")
-    if args["max_wait_ms"] < 0 or args["max_prompt_tokens"] < 1:
-        parser.error("--max-wait-ms must be >= 0 and --max-prompt-tokens >= 1")
-    try:
-        return main(args.pop("serve"), args.pop("host"), args.pop("port"), **args)
-    except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2

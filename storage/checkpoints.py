@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dataset import LatentIds
-from modeling.assembly import grow_embeddings
+from modeling.loading import grow_embeddings
 from modeling.lora import save_adapter, split_state
 from storage import atomic
 from training.distributed import all_reduce_host

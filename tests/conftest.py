@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
 from coconut import Coconut
-from modeling.assembly import add_latent_tokens
+from modeling.loading import add_latent_tokens
 from multimodal.dataset_mm import ImageTokens
 from multimodal.tiny_model import build_internvl3_tokenizer, ensure_tiny_model
 

@@ -80,8 +80,10 @@ def start_lines(
     steps_done: int,
     save_dir: Path,
     writes: bool,
+    overrides: Sequence[str] = (),
 ) -> list[str]:
-    """The start-up summary. records: split -> (records in the file, kept after dropping overlong ones)."""
+    """The start-up summary. records: split -> (records in the file, kept after dropping overlong ones);
+    overrides: the command line's KEY=VALUE texts that applied."""
     total, trainable = parameters
     processes = f"{world_size} process{'es' if world_size > 1 else ''}"
     lines = [
@@ -111,6 +113,8 @@ def start_lines(
         if writes
         else f"  save dir    none ({'debug' if config.debug else 'eval-only'} run); predictions in {save_dir}"
     )
+    if overrides:
+        lines.append(f"  overrides   {' '.join(overrides)}")
     return lines
 
 

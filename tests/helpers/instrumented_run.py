@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 import run
-from training import trainer
+from training import reporter, trainer
 
 
 def install_faults(spec: str) -> None:
     faults = [tuple(part.split(":")) for part in spec.split(",") if part]
-    step = trainer.Run._optimizer_step
+    step = trainer.Trainer.optimizer_step
 
     def step_then_fault(self, *args, **kwargs):
         step(self, *args, **kwargs)
@@ -34,7 +34,7 @@ def install_faults(spec: str) -> None:
                     os._exit(9)
                 os.kill(os.getpid(), signal.Signals[action])
 
-    trainer.Run._optimizer_step = step_then_fault
+    trainer.Trainer.optimizer_step = step_then_fault
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def install_recorder(record: dict[str, list[Any]]) -> None:
             pass
 
     torch.nn.utils.clip_grad_norm_, torch.optim.AdamW.step = recording_clip, recording_step
-    trainer._init_wandb = lambda config, info, save_dir: Logger()
+    reporter._init_wandb = lambda config, info, save_dir: Logger()
 
 
 if __name__ == "__main__":

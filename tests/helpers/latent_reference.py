@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataset import IGNORE_INDEX
+
 
 def reference_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
     """Token embeddings with image features merged by the model's own code."""
@@ -51,5 +53,5 @@ def reference_forward(
             rows.append(row)
         embeds = torch.stack(rows)
     logits = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     return loss, logits

@@ -10,7 +10,7 @@ import torch
 import run
 from tests.helpers.instrumented_run import install_recorder
 from tests.helpers.runs import demo_config
-from training import trainer
+from training import reporter
 
 ACCUMULATION = dict(num_epochs=1, epochs_per_stage=1, lr=0.0, max_grad_norm=0.5, num_workers=0)  # lr 0: fixed weights
 
@@ -22,7 +22,7 @@ def recorded_run(tmp_path: Path, tiny_model_dir: Path, monkeypatch, name: str, *
         for module, attribute in (
             (torch.nn.utils, "clip_grad_norm_"),
             (torch.optim.AdamW, "step"),
-            (trainer, "_init_wandb"),
+            (reporter, "_init_wandb"),
         ):
             patch.setattr(module, attribute, getattr(module, attribute))  # undone on leaving
         install_recorder(record)

@@ -18,7 +18,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from modeling.loading import END_LATENT, LATENT, START_LATENT
+from storage.checkpoints import PREFIX
 from storage.saved_run import SavedRun, read_saved_run, write_saved_run
+from training.reporter import METRICS_FILE
 from utils import Config, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,7 +143,7 @@ def mm_config(image_dir: Path, **keys) -> Config:
 
 
 def metrics(save_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (save_dir / METRICS_FILE).read_text().splitlines()]
 
 
 def weights(checkpoint: Path) -> dict:
@@ -153,8 +156,8 @@ def ensure_saved_run(checkpoint: Path, config_path: Path) -> None:
     if read_saved_run(model_dir) is not None:
         return
     config = load_config(config_path)
-    epoch = int(checkpoint.name.removeprefix("checkpoint_"))
+    epoch = int(checkpoint.name.removeprefix(PREFIX))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    names = {"start": "<|start-latent|>", "latent": "<|latent|>", "end": "<|end-latent|>"}
+    names = {"start": START_LATENT, "latent": LATENT, "end": END_LATENT}
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
     write_saved_run(model_dir, SavedRun(config, epoch, config.stage(epoch - 1), ids))

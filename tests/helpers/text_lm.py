@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from coconut import Coconut
-from dataset import Batch, MyCollator
+from dataset import IGNORE_INDEX, Batch, MyCollator
 
 VOCAB, START, LATENT, END, EOS, PAD = 64, 60, 61, 62, 63, 0
 
@@ -34,7 +34,7 @@ def sample(question: list[int], n_latent: int, rest: list[int], markers: bool = 
     prefix = len(question) + len(latent)
     return {
         "input_ids": ids,
-        "labels": [-100] * prefix + rest,
+        "labels": [IGNORE_INDEX] * prefix + rest,
         "attention_mask": [1] * len(ids),
         "position_ids": list(range(len(ids))),
         "idx": 0,

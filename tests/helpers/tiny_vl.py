@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dataset import IGNORE_INDEX
+
 
 def make_sample(tok, ids, image_tokens, n_tiles: int, n_latent: int, question: str, answer: str, markers=True):
     q = (image_tokens.block(n_tiles) if n_tiles else []) + tok.encode(question + "\n")
@@ -12,7 +14,7 @@ def make_sample(tok, ids, image_tokens, n_tiles: int, n_latent: int, question: s
     seq = q + latent + rest
     sample = {
         "input_ids": seq,
-        "labels": [-100] * (len(q) + len(latent)) + rest,
+        "labels": [IGNORE_INDEX] * (len(q) + len(latent)) + rest,
         "attention_mask": [1] * len(seq),
         "position_ids": list(range(len(seq))),
         "idx": 0,
@@ -35,7 +37,7 @@ def mixed(tok, ids, image_tokens):
 
 def prompt(tok, ids, image_tokens, n_tiles, n_latent, question, markers=True):
     s = make_sample(tok, ids, image_tokens, n_tiles, n_latent, question, "x", markers)
-    cut = s["labels"].index(next(label for label in s["labels"] if label != -100))
+    cut = s["labels"].index(next(label for label in s["labels"] if label != IGNORE_INDEX))
     for key in ("input_ids", "attention_mask", "position_ids"):
         s[key] = s[key][:cut]
     del s["labels"]

@@ -122,7 +122,6 @@ def test_overrides_are_read_as_yaml_and_win_over_the_file(tmp_path):
         (["lr"], "override 'lr': expected KEY=VALUE"),
         (["=3"], "override '=3': expected KEY=VALUE"),
         (["lr=[1"], "override 'lr=[1': not valid YAML"),
-        (["lr=1", "lr=2"], "override 'lr=2': key 'lr' is overridden twice"),
         (["name=/elsewhere"], "override 'name=/elsewhere': key 'name': must name a directory inside save_path"),
         (["val_path=/nonexistent.json"], "override 'val_path=/nonexistent.json': key 'val_path': path does not exist"),
     ],

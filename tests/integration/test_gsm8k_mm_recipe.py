@@ -67,6 +67,6 @@ def test_the_documented_commands_build_what_the_recipes_read_and_the_cot_recipe_
         batch_size_eval=4,
         num_workers=0,  # the machine's cores, not the recipe's
     )
-    (epoch,) = trainer.run(config_from_dict(raw, RECIPES[0]))["epochs"]
+    (epoch,) = trainer.train(config_from_dict(raw, RECIPES[0]))["epochs"]
     assert epoch["total"] == 4 and epoch["train_loss"] > 0
     assert (Path("checkpoints") / raw["name"] / "checkpoint_1").is_dir()

@@ -24,7 +24,7 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import run
-from modeling.assembly import add_latent_tokens, latent_rows_trained
+from modeling.loading import add_latent_tokens, latent_rows_trained
 from storage import checkpoints as ckpt
 from storage.saved_run import SavedRun
 from tests.helpers.runs import demo_config, mm_config

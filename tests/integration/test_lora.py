@@ -27,7 +27,7 @@ import utils
 from coconut import Coconut
 from dataset import Batch, LatentIds
 from modeling.activation_checkpointing import enable_latent_checkpointing
-from modeling.assembly import add_latent_tokens
+from modeling.loading import add_latent_tokens
 from modeling.lora import apply_lora
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
@@ -215,7 +215,7 @@ def test_trainable_parts_follow_internvl_and_the_freeze_flags(tiny_model_dir):
     assert (layer.r["default"], layer.scaling["default"]) == (4, 2.0)  # alpha 2 × rank, as InternVL
 
     model, _, ids, config = _model(tiny_model_dir, use_backbone_lora=2, backbone_lora_alpha=8, freeze_mlp=True)
-    from modeling.assembly import freeze
+    from modeling.loading import freeze
 
     freeze(model, config)
     apply_lora(model, config, ids)

@@ -37,13 +37,13 @@ def test_reset_optimizer_starts_a_fresh_adamw_every_epoch_as_the_original_code_d
     epoch 2's first step must meet an empty AdamW state with reset_optimizer, and epoch 1's state
     without it. Epoch checkpoints of a resetting run hold no optimizer state, and say so."""
     state_at_first_step = {}
-    step = trainer.Run._optimizer_step
+    step = trainer.Trainer.optimizer_step
 
     def recording(self, optimizer, lr):
         state_at_first_step.setdefault((self.config.reset_optimizer, self.state.epoch), len(optimizer.state))
         step(self, optimizer, lr)
 
-    monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
+    monkeypatch.setattr(trainer.Trainer, "optimizer_step", recording)
     for reset in (True, False):
         config = demo_config(
             tmp_path,
@@ -69,13 +69,13 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
     epochs from step 0 and ended near half of lr. Resumed runs continue the same curve
     (tests/test_preemption.py runs it, and ends with the uninterrupted run's weights)."""
     lrs = []
-    step = trainer.Run._optimizer_step
+    step = trainer.Trainer.optimizer_step
 
     def recording(self, optimizer, lr):
         lrs.append(lr)
         step(self, optimizer, lr)
 
-    monkeypatch.setattr(trainer.Run, "_optimizer_step", recording)
+    monkeypatch.setattr(trainer.Trainer, "optimizer_step", recording)
     config = demo_config(
         tmp_path,
         tiny_model_dir,

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import run
-from modeling.assembly import END_LATENT, LATENT, START_LATENT, add_latent_tokens
+from modeling.loading import END_LATENT, LATENT, START_LATENT, add_latent_tokens
 from storage import checkpoints as ckpt
 from storage.saved_run import SavedRun, write_saved_run
 from tests.helpers.runs import demo_config
@@ -64,7 +64,7 @@ def _eval(tmp_path: Path, tiny_model_dir: Path, name: str, load_model_path: Path
         max_latent_stage=2,
         load_model_path=str(load_model_path),
     )
-    (record,) = trainer.run(run.load_config(config))["epochs"]
+    (record,) = trainer.train(run.load_config(config))["epochs"]
     lines = (tmp_path / "checkpoints" / name / "predictions" / "epoch_3.jsonl").read_text().splitlines()
     return record, [json.loads(line) for line in lines]
 

@@ -39,7 +39,7 @@ def test_the_originals_gsm_recipes_run_shrunk(tmp_path, tiny_model_dir, monkeypa
         )
         path = tmp_path / name
         path.write_text(yaml.safe_dump(raw))
-        return trainer.run(load_config(path))["epochs"]
+        return trainer.train(load_config(path))["epochs"]
 
     cot = run("gsm_cot.yaml", num_epochs=2)
     assert [e["stage"] for e in cot] == [0, 0]

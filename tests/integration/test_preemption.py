@@ -31,7 +31,7 @@ import run
 from storage import checkpoints as ckpt
 from tests.helpers.recorded_run import assert_same_steps, recorded_run
 from tests.helpers.runs import REPO, demo_config, launch, metrics, subprocess_env, weights
-from training import preemption, trainer
+from training import evaluator, preemption, trainer
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
 # checkpoints every 2 steps (2, 4, 8, 10, 14, 16: a step that ends an epoch is its epoch checkpoint).
@@ -102,7 +102,7 @@ def assert_same_run(save_dir: Path, straight: Path) -> None:
 
 def stop_at(step: int, sig: signal.Signals) -> Callable:
     """_optimizer_step that sends `sig` to this process after optimizer step `step`."""
-    real = trainer.Run._optimizer_step
+    real = trainer.Trainer.optimizer_step
 
     def step_then_signal(self, *args, **kwargs):
         real(self, *args, **kwargs)
@@ -142,7 +142,7 @@ def test_a_stop_signal_saves_a_step_checkpoint_and_the_rerun_equals_the_uninterr
     config = demo_config(tmp_path, tiny_model_dir, name="stopped", **KEYS)
     save_dir = tmp_path / "checkpoints" / "stopped"
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.Run, "_optimizer_step", stop_at(step, sig))
+        patch.setattr(trainer.Trainer, "optimizer_step", stop_at(step, sig))
         line = stopped(capsys, config)
     assert line == (
         f"stopped by {sig.name} after optimizer step {step}: saved {save_dir / f'step_{step}'}; "
@@ -189,25 +189,25 @@ def in_child(action: Callable[[], object], log: Path) -> int:
 
 
 def hard_kill_at_step(step: int) -> None:
-    real = trainer.Run._optimizer_step
+    real = trainer.Trainer.optimizer_step
 
     def step_then_die(self, *args, **kwargs):
         real(self, *args, **kwargs)
         if self.state.step == step:
             os._exit(9)
 
-    trainer.Run._optimizer_step = step_then_die
+    trainer.Trainer.optimizer_step = step_then_die
 
 
 def hard_kill_in_evaluation(epoch: int) -> None:
-    real = trainer.Run._generate
+    real = evaluator.Evaluator.generate
 
     def generate_then_die(self, stage):
         if self.state.epoch == epoch:
             os._exit(9)
         return real(self, stage)
 
-    trainer.Run._generate = generate_then_die
+    evaluator.Evaluator.generate = generate_then_die
 
 
 @pytest.mark.slow
@@ -240,7 +240,7 @@ def test_a_signal_during_evaluation_lets_it_finish_then_stops_with_nothing_new_t
 ):
     config = demo_config(tmp_path, tiny_model_dir, name="in_eval", **KEYS)
     save_dir = tmp_path / "checkpoints" / "in_eval"
-    real = trainer.Run._generate
+    real = evaluator.Evaluator.generate
 
     def signal_then_generate(self, stage):
         if self.state.epoch == 1:
@@ -248,7 +248,7 @@ def test_a_signal_during_evaluation_lets_it_finish_then_stops_with_nothing_new_t
         return real(self, stage)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.Run, "_generate", signal_then_generate)
+        patch.setattr(evaluator.Evaluator, "generate", signal_then_generate)
         line = stopped(capsys, config)
     assert line == (
         f"stopped by SIGTERM after optimizer step 6: {save_dir / 'checkpoint_1'} already holds this point; "

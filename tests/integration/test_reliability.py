@@ -32,7 +32,6 @@ from modeling import assembly as model_setup
 from storage import atomic
 from storage import checkpoints as ckpt
 from tests.helpers.runs import REPO, demo_config, launch, metrics, save_text_model, subprocess_env, weights
-from training import trainer
 
 DEMO = REPO / "data" / "demo"
 # num_workers 0: one process, so a run is bit-for-bit reproducible (the fault tests compare exactly)
@@ -56,7 +55,6 @@ def no_model_loading(monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded despite a bad config")
 
-    monkeypatch.setattr(trainer, "load_base_model", fail)
     monkeypatch.setattr(model_setup, "load_base_model", fail)
 
 
@@ -596,7 +594,7 @@ sys.path.insert(0, {repo!r})
 import run
 from training import trainer
 
-step = trainer.Run._optimizer_step
+step = trainer.Trainer.optimizer_step
 
 def step_then_fail(self, *args, **kwargs):
     step(self, *args, **kwargs)
@@ -604,7 +602,7 @@ def step_then_fail(self, *args, **kwargs):
         print("rank 1: {how} after its first optimizer step", file=sys.stderr, flush=True)
         {action}
 
-trainer.Run._optimizer_step = step_then_fail
+trainer.Trainer.optimizer_step = step_then_fail
 sys.exit(run.main(sys.argv[1:]))
 """
 

@@ -42,7 +42,7 @@ def test_demo_trains_all_stages_resumes_and_eval_only_matches(tmp_path, tiny_mod
         max_latent_stage=2,
         load_model_path=str(save_dir / "checkpoint_3"),
     )
-    result = trainer.run(run.load_config(eval_config))
+    result = trainer.train(run.load_config(eval_config))
     (only,) = result["epochs"]
     assert only["stage"] == 2
     assert only["accuracy"] == history[-1]["accuracy"] and only["correct"] == history[-1]["correct"]

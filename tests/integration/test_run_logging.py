@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText
 import run
 from tests.helpers.fake_wandb import FakeWandb
 from tests.helpers.runs import demo_config, metrics, torchrun
-from training import trainer
+from training import reporter
 from training.metric_logger import read_jsonl
 
 # the in-repo demo data: 48 train records, 16 val records, batch 4: 12 optimizer steps per epoch
@@ -59,13 +59,13 @@ def bars(monkeypatch) -> list:
     """Every progress bar the trainer opens, kept for inspection after it closed."""
     opened = []
 
-    class Recorded(trainer.tqdm):
+    class Recorded(reporter.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.kwargs = kwargs
             opened.append(self)
 
-    monkeypatch.setattr(trainer, "tqdm", Recorded)
+    monkeypatch.setattr(reporter, "tqdm", Recorded)
     return opened
 
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coconut import Thoughts
 from dataset import LatentIds, MyCollator, cot_latent_sample, get_question_latent_dataset, tokenize_records
-from modeling.assembly import add_latent_tokens
+from modeling.loading import add_latent_tokens
 from training.distributed import DistInfo
 from training.evaluation import generation_accuracy
 from training.scoring import (

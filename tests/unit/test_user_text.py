@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoProcessor
 
 from dataset import DataError, get_dataset
-from modeling.assembly import add_latent_tokens
+from modeling.loading import add_latent_tokens
 from multimodal.dataset_mm import ImageTokens, get_mm_dataset
 from tests.helpers.runs import mm_config
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coconut import Coconut
 from dataset import DataError, get_cot_latent_dataset
-from modeling.assembly import add_latent_tokens
+from modeling.loading import add_latent_tokens
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens, MultimodalDataset, frame_indices, get_mm_dataset
 from tests.helpers.images import ref_pixel_values
