@@ -24,6 +24,8 @@ from storage import atomic
 from storage.saved_run import SAVED_RUN_FILE, read_saved_run
 from tests.helpers.runs import REPO, demo_config, ensure_saved_run, scaled_timeout, subprocess_env
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
 

@@ -37,6 +37,8 @@ from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_gra
 from tests.helpers.tiny_vl import mixed
 from utils import ConfigError, ModelSetupError, config_from_dict
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)
 SCALING = 2.0  # InternVL's lora_alpha = 2 × rank, for every rank
 # InternVL's default LLM LoRA targets (wrap_llm_lora in its model code), spelled out here
