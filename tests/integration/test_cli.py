@@ -390,6 +390,23 @@ def test_requirements_list_every_third_party_import():
     assert not unused, f"listed but imported nowhere: {unused}"
 
 
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)$")
+
+
+def test_every_requirement_is_pinned_in_constraints():
+    """constraints.txt (README's install commands: -c constraints.txt) fixes one tested version of every
+    package requirements*.txt lists, as name==version lines only."""
+    lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    malformed = [line for line in pins if not PIN.match(line)]
+    assert not malformed, f"constraints.txt: not name==version: {malformed}"
+    pinned = [_normalize(PIN.match(line)[1]) for line in pins]
+    assert len(pinned) == len(set(pinned)), "constraints.txt pins a package twice"
+    for name in ("requirements.txt", "requirements-test.txt"):
+        unpinned = sorted(_requirements(REPO / name).keys() - set(pinned))
+        assert not unpinned, f"{name} lists {unpinned}, not pinned in constraints.txt"
+
+
 @pytest.mark.slow
 def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
     """Packages marked "optional: <path>" must not load with the training code: importing every module
