@@ -3,7 +3,8 @@
 # against another transformers release, without touching the installed one:
 #
 #   tests/helpers/with_transformers.sh VERSION [PYTEST ARGS...]
-#   e.g. tests/helpers/with_transformers.sh 5.17.0 -q -x
+#   e.g. tests/helpers/with_transformers.sh 5.17.0 -q -x              (tests/ with pytest.ini's testpaths)
+#        tests/helpers/with_transformers.sh 5.17.0 -q tests/unit       (those under a path)
 #
 # The release is installed once into .cache/transformers-VERSION (pip install --target, no dependencies),
 # with those of its dependencies whose installed version it does not admit (5.17 needs huggingface_hub
@@ -59,4 +60,4 @@ export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
 found=$(python -c "import transformers, huggingface_hub; print(transformers.__version__, huggingface_hub.__version__)")
 echo "transformers and huggingface_hub: $found (from $target)"
 [ "${found%% *}" = "$version" ] || { echo "error: transformers $version is not the one imported" >&2; exit 2; }
-exec python -m pytest -m transformers -p no:cacheprovider "$@" tests
+exec python -m pytest -m transformers -p no:cacheprovider "$@"  # paths in the arguments narrow it; none: tests/ (pytest.ini)
