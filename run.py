@@ -250,7 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return mode(args)
     except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        # One write for the whole line: under torchrun the ranks share one stderr, and print's two
+        # writes (text, then newline; separate when unbuffered) let another rank's line in between.
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
 
 

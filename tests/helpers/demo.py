@@ -10,20 +10,21 @@ import sys
 from pathlib import Path
 
 from preprocessing.make_demo import DEMO_DIR
-from tests.helpers.runs import REPO, subprocess_env
+from tests.helpers.runs import REPO, scaled_timeout, subprocess_env
 
 BASELINE = "0.287"  # the demo set's text-only baseline: 43 of its 150 val records
 
 
 def run_demo(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python demo.py [KEY=VALUE ...]` with cwd as the user's directory (relative paths land there)."""
+    """`python demo.py [KEY=VALUE ...]` with cwd as the user's directory (relative paths land there);
+    timeout for an idle machine (scaled_timeout)."""
     return subprocess.run(
         [sys.executable, str(REPO / "demo.py"), *overrides],
         cwd=cwd,
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=scaled_timeout(timeout),
     )
 
 

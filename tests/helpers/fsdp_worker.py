@@ -5,7 +5,9 @@ trainer shards it (distributed.shard):
 - `collectives`: the all-gathers and reduce-scatters of one forward + backward + release_gathered
   (after a warm-up step), per latent count: {latents: {collective: calls}}.
 - `compiled`: loss and gradients of one step with compile_latent_passes="default" against the
-  same step eager, each on a fresh copy of the model (the option is fixed when Coconut is built):
+  same step eager, each on a fresh copy of the model with one decoder layer (the option is fixed
+  when Coconut is built; compiling takes most of this worker's time and grows with the layers,
+  while one sharded layer under the root meets FSDP's hooks as two do):
   {"graphs": compiled graphs, "loss": [eager, compiled], "max_grad_diff": ...,
   "max_grad": ...}.
 - `fresh_optimizer`: an optimizer built after an evaluation forward (what reset_optimizer does at
@@ -40,9 +42,9 @@ def batch_with(n_latents: int) -> Batch:
     return MyCollator(PAD, LATENT)([sample([5, 6, 7], n_latents, [10, 11, EOS]), sample([8, 9], n_latents, [12, EOS])])
 
 
-def sharded_coconut(**options: Any) -> Coconut:
+def sharded_coconut(layers: int = 2, **options: Any) -> Coconut:
     """The tiny Qwen2 (seed 0) in Coconut, sharded as the trainer shards it, ranks synced."""
-    model = tiny_lm(seed=0).train()
+    model = tiny_lm(seed=0, layers=layers).train()
     coconut = Coconut(model, LATENT, START, END, EOS, pad_token_id=PAD, synced_gpus=True, **options)
     shard(coconut, model.model.layers, None, None)
     return coconut
@@ -82,10 +84,10 @@ def compiled(_: Coconut) -> dict[str, Any]:
     def grads(coconut: Coconut) -> dict[str, torch.Tensor]:
         return {n: p.grad.full_tensor().clone() for n, p in coconut.named_parameters() if p.grad is not None}
 
-    eager_model = sharded_coconut()
+    eager_model = sharded_coconut(layers=1)
     eager_loss = step(eager_model, batch)
     eager = grads(eager_model)
-    compiled_model = sharded_coconut(compile_latent_passes="default")
+    compiled_model = sharded_coconut(layers=1, compile_latent_passes="default")
     compiled_loss = step(compiled_model, batch)
     ours = grads(compiled_model)
     from torch._dynamo.utils import counters

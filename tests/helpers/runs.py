@@ -26,6 +26,19 @@ from utils import Config, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
+TIMEOUT_SCALE_ENV = "COCONUT_TEST_TIMEOUT_SCALE"
+
+
+def scaled_timeout(idle_s: float) -> float:
+    """A subprocess time limit for this machine as it is now: idle_s (ample on an idle machine) times
+    COCONUT_TEST_TIMEOUT_SCALE where set, else times the load per core (the highest of the 1, 5 and 15
+    minute load averages over the core count, at least 1). A 2-core machine running other work at load 8
+    gets 4 times the idle limit, so a limit means "hung", not "shared"."""
+    override = os.environ.get(TIMEOUT_SCALE_ENV)
+    if override:
+        return idle_s * float(override)
+    return idle_s * max(1.0, max(os.getloadavg()) / (os.cpu_count() or 1))
+
 
 def subprocess_env() -> dict[str, str]:
     """Environment for a CLI subprocess: this repo importable, ahead of (not instead of) PYTHONPATH."""
@@ -58,7 +71,8 @@ def launch(
     *program: object, nproc: int = 2, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node nproc PROGRAM...` (gloo on CPU), output captured. PROGRAM is a
-    script and its arguments, or "-m", a module and its arguments."""
+    script and its arguments, or "-m", a module and its arguments. timeout is for an idle machine
+    (scaled_timeout)."""
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
         + [str(x) for x in program],
@@ -66,14 +80,14 @@ def launch(
         env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=scaled_timeout(timeout),
     )
 
 
 def torchrun(
     config: Path, nproc: int, timeout: int = 600, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    """run.py CONFIG [ARGS] under torchrun (launch)."""
+    """run.py CONFIG [ARGS] under torchrun (launch; timeout for an idle machine)."""
     return launch(REPO / "run.py", config, *args, nproc=nproc, timeout=timeout, env=env)
 
 

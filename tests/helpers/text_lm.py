@@ -11,13 +11,13 @@ from dataset import IGNORE_INDEX, Batch, MyCollator
 VOCAB, START, LATENT, END, EOS, PAD = 64, 60, 61, 62, 63, 0
 
 
-def tiny_lm(seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_lm(seed: int = 0, layers: int = 2) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen2Config(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,

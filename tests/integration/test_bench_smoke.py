@@ -11,6 +11,8 @@ import torch
 
 from bench.bench_step import CUDA_ONLY_MODES, MODES, OPT_IN_MODES, failed, main
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 SMALL = [
     "--tiny",
     "--device",

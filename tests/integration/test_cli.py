@@ -23,7 +23,7 @@ import yaml
 
 import run
 from storage import atomic
-from tests.helpers.runs import REPO, demo_config, launch, save_text_model, subprocess_env
+from tests.helpers.runs import REPO, demo_config, launch, save_text_model, scaled_timeout, subprocess_env
 from utils import Config, config_from_dict, load_config
 
 HUB_ID = "nobody/never-loaded"  # a model_id the refusals below never get as far as loading
@@ -65,7 +65,7 @@ def test_bad_config_is_refused_before_torch_is_imported(tmp_path, where):
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled_timeout(120),
     )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -232,7 +232,7 @@ def test_an_unknown_hub_id_offline_is_one_line(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled_timeout(300),
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.rstrip().splitlines()[-1]
@@ -389,6 +389,23 @@ def test_requirements_list_every_third_party_import():
     assert not unused, f"listed but imported nowhere: {unused}"
 
 
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+!-]*)$")
+
+
+def test_every_requirement_is_pinned_in_constraints():
+    """constraints.txt (README's install commands: -c constraints.txt) fixes one tested version of every
+    package requirements*.txt lists, as name==version lines only."""
+    lines = [line.strip() for line in (REPO / "constraints.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    malformed = [line for line in pins if not PIN.match(line)]
+    assert not malformed, f"constraints.txt: not name==version: {malformed}"
+    pinned = [_normalize(PIN.match(line)[1]) for line in pins]
+    assert len(pinned) == len(set(pinned)), "constraints.txt pins a package twice"
+    for name in ("requirements.txt", "requirements-test.txt"):
+        unpinned = sorted(_requirements(REPO / name).keys() - set(pinned))
+        assert not unpinned, f"{name} lists {unpinned}, not pinned in constraints.txt"
+
+
 @pytest.mark.slow
 def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
     """Packages marked "optional: <path>" must not load with the training code: importing every module
@@ -406,7 +423,12 @@ def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
         "print(json.dumps(sorted(sys.modules)))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=scaled_timeout(300),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
@@ -420,8 +442,14 @@ def test_optional_dependencies_are_marked_and_imported_only_on_their_path():
 
 @pytest.mark.slow
 def test_every_rank_refuses_a_bad_override_under_torchrun(tmp_path):
+    """run.main on each rank (tests.helpers.held_run: no rank exits before every rank has finished, so
+    torchrun cannot stop a rank before it prints because another one refused first)."""
     config = config_file(tmp_path)
-    result = launch(REPO / "run.py", config, "max_grad_norm=.nan", timeout=300)
+    records = tmp_path / "ranks"
+    records.mkdir()
+    env = {"HELD_RUN_DIR": str(records)}
+    result = launch("-m", "tests.helpers.held_run", config, "max_grad_norm=.nan", timeout=300, env=env)
+    assert {p.name: p.read_text() for p in records.iterdir()} == {"rank0": "2", "rank1": "2"}, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 2, result.stderr[-3000:]  # one per rank
     assert all(f"{config}: override 'max_grad_norm=.nan': key 'max_grad_norm'" in line for line in errors)

@@ -11,6 +11,8 @@ import run
 from tests.helpers import fsdp_worker
 from tests.helpers.runs import demo_config, forked_ranks, launch, metrics, torchrun, weights
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 # Parameters whose true gradient is zero: softmax ignores a bias added to every key, so these
 # receive only rounding noise, which Adam's normalisation turns into full-size random steps.
 ZERO_GRADIENT_SUFFIX = "k_proj.bias"

@@ -22,7 +22,9 @@ from multimodal.dataset_mm import ImageTokens, tokenize_mm_records
 from multimodal.transforms import ImageTransform
 from storage import atomic
 from storage.saved_run import SAVED_RUN_FILE, read_saved_run
-from tests.helpers.runs import REPO, demo_config, ensure_saved_run, subprocess_env
+from tests.helpers.runs import REPO, demo_config, ensure_saved_run, scaled_timeout, subprocess_env
+
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
 
 SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 
@@ -195,7 +197,7 @@ def test_a_kill_at_any_write_of_the_export_leaves_no_export(trained, tmp_path):
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=scaled_timeout(600),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [json.loads(line) for line in result.stdout.splitlines()]

@@ -20,6 +20,8 @@ from tests.helpers.runs import REPO, demo_config, ensure_saved_run, torchrun
 from tests.helpers.tiny_vl import prompt
 from utils import load_config
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 VAL = REPO / "data" / "demo" / "val.json"
 IMAGES = REPO / "data" / "demo" / "images"
 

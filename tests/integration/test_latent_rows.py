@@ -29,6 +29,8 @@ from storage import checkpoints as ckpt
 from storage.saved_run import SavedRun
 from tests.helpers.runs import demo_config, mm_config
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 ROWS = ("start", "latent", "end")
 
 

@@ -32,10 +32,12 @@ from modeling.lora import apply_lora
 from multimodal.collator_mm import MultimodalCollator
 from multimodal.dataset_mm import ImageTokens
 from tests.helpers.latent_reference import reference_forward
-from tests.helpers.runs import REPO, demo_config, metrics, mm_config, subprocess_env, torchrun, weights
+from tests.helpers.runs import REPO, demo_config, metrics, mm_config, scaled_timeout, subprocess_env, torchrun, weights
 from tests.helpers.text_lm import END, EOS, LATENT, PAD, START, assert_close_grads, grads, mixed_batch, tiny_lm
 from tests.helpers.tiny_vl import mixed
 from utils import ConfigError, ModelSetupError, config_from_dict
+
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
 
 LORA = dict(use_llm_lora=4, use_backbone_lora=2, lora_dropout=0.0)
 SCALING = 2.0  # InternVL's lora_alpha = 2 × rank, for every rank
@@ -369,7 +371,7 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled_timeout(300),
     )
     assert answered.returncode == 0, answered.stderr[-3000:]
     evaluated = (tmp_path / "checkpoints" / "straight" / "predictions" / "epoch_2.jsonl").read_text().splitlines()
@@ -396,7 +398,12 @@ def test_a_lora_run_checkpoints_its_adapters_resumes_exactly_answers_and_exports
         f"save_file(m.state_dict(), {str(tmp_path / 'loaded.safetensors')!r})"
     )
     loaded = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=scaled_timeout(300),
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, demo_config, metrics, subprocess_env, torchrun, weights
+from tests.helpers.runs import REPO, demo_config, metrics, scaled_timeout, subprocess_env, torchrun, weights
 
 KEYS = dict(num_epochs=2, epochs_per_stage=1, max_latent_stage=2, batch_size_training=4)
 
@@ -55,12 +55,12 @@ def node_agents(config: Path, backend: str, nnodes: int = 2) -> list[subprocess.
         for command in commands
     ]
     try:
-        outputs = [agent.communicate(timeout=600) for agent in agents]
+        outputs = [agent.communicate(timeout=scaled_timeout(600)) for agent in agents]
     finally:
         for agent in agents:  # only after a failure: SIGTERM, which torchrun forwards to its worker
             if agent.poll() is None:
                 agent.terminate()
-                agent.communicate(timeout=60)
+                agent.communicate(timeout=scaled_timeout(60))
     return [
         subprocess.CompletedProcess(command, agent.returncode, out, err)
         for command, agent, (out, err) in zip(commands, agents, outputs)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 import run
 from storage import checkpoints as ckpt
 from tests.helpers.recorded_run import assert_same_steps, recorded_run
-from tests.helpers.runs import REPO, demo_config, launch, metrics, subprocess_env, weights
+from tests.helpers.runs import REPO, demo_config, launch, metrics, scaled_timeout, subprocess_env, weights
 from training import evaluator, preemption, trainer
 
 # 48 records, 4 per micro-batch, 2 micro-batches per optimizer step: 6 steps per epoch. Step
@@ -329,7 +329,7 @@ def test_workers_left_running_by_an_error_do_not_hang_the_exit():
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled_timeout(120),
     )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
 

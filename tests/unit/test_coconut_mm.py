@@ -14,6 +14,8 @@ from tests.helpers.latent_reference import reference_forward
 from tests.helpers.text_lm import assert_close_grads, grads
 from tests.helpers.tiny_vl import mixed, prompt
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_forward_equals_reference(setup, checkpointing):

@@ -27,6 +27,8 @@ from tests.helpers.text_lm import (
     tiny_lm,
 )
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 
 @pytest.mark.parametrize(
     "compile_mode,checkpointing",

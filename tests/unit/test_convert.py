@@ -33,6 +33,8 @@ from multimodal import convert
 from multimodal.convert import convert_original_checkpoint, is_original_format, resolve_model
 from utils import ModelSetupError
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 VISION = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=56, patch_size=14
 )

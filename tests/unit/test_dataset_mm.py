@@ -17,6 +17,8 @@ from multimodal.dataset_mm import ImageTokens, MultimodalDataset, get_mm_dataset
 from tests.helpers.images import make_image, ref_pixel_values
 from tests.helpers.runs import mm_config as cfg
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 
 @pytest.fixture()
 def processor(tiny_model_dir):

@@ -28,6 +28,8 @@ from tests.helpers.text_lm import (
     tiny_lm,
 )
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 # Operators that hand a tensor value to the host: on a GPU each one waits for the queue to drain.
 HOST_READS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "nonzero", "masked_select"}
 

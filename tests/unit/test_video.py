@@ -25,6 +25,8 @@ from multimodal.dataset_mm import ImageTokens, MultimodalDataset, frame_indices,
 from tests.helpers.images import ref_pixel_values
 from tests.helpers.runs import mm_config as cfg
 
+pytestmark = pytest.mark.transformers  # exercises transformers' model code (with_transformers.sh)
+
 N_FRAMES = 20
 COLOUR_TOL = 10.0  # uint8 units; mpeg4 at this size is off by at most ~5
 
