@@ -111,7 +111,7 @@ def forked_ranks(rank_main: Callable[[int], int], world: int = 2, timeout: float
             finally:
                 os._exit(status)
         pids.append(pid)
-    deadline, statuses = time.monotonic() + timeout, {}
+    deadline, statuses = time.monotonic() + scaled_timeout(timeout), {}
     while len(statuses) < world and time.monotonic() < deadline:
         for pid in pids:
             if pid not in statuses and (done := os.waitpid(pid, os.WNOHANG))[0]:

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from deploy.inference import Inference
-from tests.helpers.runs import REPO, subprocess_env
+from tests.helpers.runs import REPO, scaled_timeout, subprocess_env
 from tests.integration.test_inference import IMAGES, VAL, assert_same_thoughts, stage2  # noqa: F401 - fixture
 
 MODEL = "demo-model"
@@ -52,7 +52,7 @@ class Served:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + startup_s
+        deadline = time.monotonic() + scaled_timeout(startup_s)
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
@@ -155,7 +155,7 @@ def test_sixteen_concurrent_clients_get_the_serial_answers_in_shared_batches(ser
         return ask(client, records[i]["question"], [IMAGES / records[i]["image"]])
 
     with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(one, range(16), timeout=300))
+        responses = list(pool.map(one, range(16), timeout=scaled_timeout(300)))
     for response, expected in zip(responses, infer_replies, strict=True):
         assert_same_reply(response, expected)
     after = server.health()
