@@ -404,6 +404,10 @@ def test_every_requirement_is_pinned_in_constraints():
     for name in ("requirements.txt", "requirements-test.txt"):
         unpinned = sorted(_requirements(REPO / name).keys() - set(pinned))
         assert not unpinned, f"{name} lists {unpinned}, not pinned in constraints.txt"
+    readme = (REPO / "README.md").read_text()
+    for marker in ("# 1. install and run the offline demo", "# 2. install and run the tests"):
+        install = readme.split(marker, 1)[1].splitlines()[1]
+        assert "-c constraints.txt" in install.split("&&")[0], install  # a fresh machine gets what CI tested
 
 
 @pytest.mark.slow
