@@ -114,6 +114,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not valid JSON: {e}") from None
     records = _json_lines(text, path) if path.suffix == ".jsonl" else _json_list(text, path)
     _warn_unscorable(records, path)
+    _warn_ignored_keys(records, path)
     return records
 
 
@@ -169,6 +170,16 @@ def _warn_unscorable(records: list[dict[str, Any]], path: Path) -> None:
             "takes the text after a generation's last '#', so these can never be counted correct",
             stacklevel=3,
         )
+
+
+def _warn_ignored_keys(records: list[dict[str, Any]], path: Path) -> None:
+    """Keys no record key resembles (a data set's own metadata, e.g. ProsQA's `edges`) are kept and not
+    read: said once per file, so a key meant as input never goes unnoticed."""
+    ignored = sorted({key for record in records for key in record} - set(RECORD_KEYS))
+    if ignored:
+        counts = {key: sum(key in r for r in records) for key in ignored}
+        listed = ", ".join(f"'{k}' ({n} records)" for k, n in counts.items())
+        warnings.warn(f"{path}: keys not read (a record holds {', '.join(RECORD_KEYS)}): {listed}", stacklevel=3)
 
 
 def validate_record(record: Any, where: str) -> None:

@@ -4,6 +4,7 @@ files and unscorable answers each give one line naming the file and record."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -31,6 +32,16 @@ def test_misspelt_record_key_is_refused_with_did_you_mean(tmp_path, key, meant):
 def test_a_data_sets_own_metadata_keys_are_kept(tmp_path):
     records = load_records(write(tmp_path, [{**GOOD, "idx_to_symbol": ["a"], "root": 1, "edges": []}]))
     assert records[0]["root"] == 1
+
+
+def test_keys_not_read_are_named_once_per_file(tmp_path):
+    path = write(tmp_path, [{**GOOD, "edges": [], "root": 1}, {**GOOD, "edges": []}, GOOD])
+    with pytest.warns(UserWarning, match=r"keys not read .*: 'edges' \(2 records\), 'root' \(1 records\)$") as seen:
+        load_records(path)
+    assert len([w for w in seen if "keys not read" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file of known keys only: no warning
+        load_records(write(tmp_path, [GOOD]))
 
 
 @pytest.mark.parametrize(
