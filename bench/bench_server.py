@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--requests", type=int, default=48, help="requests per (mode, concurrency)")
-    parser.add_argument("--max-wait-ms", type=float, default=20.0, help="the batched server's wait for batch-mates")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="the batched server's wait for batch-mates")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"cpu-server-{date.today()}.jsonl")
     args = parser.parse_args(argv)
     pool = bodies()

@@ -46,7 +46,7 @@ class ServeOptions:
     """The server's bounds; every one keeps a request or the queue from growing without limit."""
 
     max_batch: int = 16  # questions in one generate batch (1: one at a time)
-    max_wait_ms: float = 20.0  # how long the first request of a batch waits for batch-mates
+    max_wait_ms: float = 0.0  # how long the first request of a batch waits for batch-mates (0: only those waiting)
     max_queue: int = 64  # requests waiting beyond it are refused with 503
     max_images: int = 8  # per request
     max_image_bytes: int = 8 * 2**20  # per image, decoded
