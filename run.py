@@ -156,7 +156,9 @@ MODES: dict[str, Mode] = {
             option("--port", type=int, help="port (default: 8000)"),
             option("--model-name", help="the model name clients ask for (default: the checkpoint's directory name)"),
             option("--max-batch", type=int, metavar="N", help="questions per generate batch (default: 16)"),
-            option("--max-wait-ms", type=float, metavar="MS", help="how long a batch waits for batch-mates (default: 0)"),
+            option(
+                "--max-wait-ms", type=float, metavar="MS", help="how long a batch waits for batch-mates (default: 0)"
+            ),
             option("--max-queue", type=int, metavar="N", help="waiting requests before 503 (default: 64)"),
             option("--max-images", type=int, metavar="N", help="images per request (default: 8)"),
             option("--max-image-bytes", type=int, metavar="N", help="bytes per decoded image (default: 8 MiB)"),
