@@ -46,3 +46,14 @@ def setup(tiny_model_dir, request):
     tok = processor.tokenizer
     coconut = Coconut(model, ids.latent, ids.start, ids.end, tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return model, coconut, ids, tok, ImageTokens.from_processor(processor)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's runs (and OMP_NUM_THREADS=1 in their subprocesses): identical
+    arithmetic in every run, forked children need no thread pool, and on a shared machine no pool spins
+    against other processes. Modules that compare runs tensor for tensor use it (pytestmark)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

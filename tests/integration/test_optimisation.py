@@ -16,13 +16,7 @@ from tests.helpers.recorded_run import assert_same_steps, recorded_run
 from tests.helpers.runs import demo_config
 from training import trainer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # identical arithmetic in every run (tests/conftest.py)
 
 
 @pytest.mark.slow

@@ -52,13 +52,7 @@ KEYS = dict(
 STEPS_PER_EPOCH = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: identical arithmetic in every run, and forked children need no thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # identical arithmetic in every run (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

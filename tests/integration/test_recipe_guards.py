@@ -31,13 +31,7 @@ DEMO = REPO / "data" / "demo"
 LATENT_TOKEN = "<|latent|>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: identical arithmetic in every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # identical arithmetic in every run (tests/conftest.py)
 
 
 def data_slice(tmp_path: Path, train: int | range, n_val: int) -> dict[str, str]:

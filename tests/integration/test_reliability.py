@@ -58,14 +58,7 @@ def no_model_loading(monkeypatch) -> None:
     monkeypatch.setattr(model_setup, "load_base_model", fail)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Runs here and in subprocesses (OMP_NUM_THREADS=1) use one thread: identical arithmetic, and
-    on a shared machine no thread pool spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # identical arithmetic in every run (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

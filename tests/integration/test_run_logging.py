@@ -46,12 +46,7 @@ STEP_KEYS = [
 ]  # + "thought_norm" where thoughts are fed back
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # identical arithmetic in every run (tests/conftest.py)
 
 
 @pytest.fixture
