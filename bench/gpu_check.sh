@@ -65,7 +65,7 @@ fi
 if [[ "${TINY:-0}" == 1 ]]; then DECODE_GRAPH=; else DECODE_GRAPH=,decode_graph; fi
 bench 240 --batch 8 --modes sft,coconut,decode$DECODE_GRAPH,coconut_graphed
 # (the compiled-pass tests run on CPU tensors, the same as in CI: left out here for time)
-step 120 "$PYTHON" -m pytest -q -rs tests/test_coconut_text.py tests/test_coconut_mm.py tests/test_decoder_steps.py \
+step 120 "$PYTHON" -m pytest -q -rs tests/unit/test_coconut_text.py tests/unit/test_coconut_mm.py tests/unit/test_decoder_steps.py \
   -k "not (reference and (default or reduce))"
 bench 90 --batch 32 --iters 3 --warmup 1 --modes decode,decode_step$DECODE_GRAPH
 bench 60 --batch 8 --ragged 8 --modes sft,coconut,decode_step

@@ -6,7 +6,7 @@
     reply = model.ask("what color is the shape?", images=["shape.png"])
     reply["answer"], reply["output"], reply["latents"], reply["thoughts"]
 
-Everything comes from the model directory's coconut_config.yaml (saved_run.py): prompt format,
+Everything comes from the model directory's coconut_config.yaml (storage/saved_run.py): prompt format,
 stage, c_thought, max_latent_stage, tiling and image size, latent token ids and precision. A question
 goes through the same code as evaluation (tokenization, the PIL tiling, the collator,
 Coconut.generate, evaluation.batch_predictions), so its answer equals the predictions file's for the

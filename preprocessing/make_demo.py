@@ -5,7 +5,7 @@
 
 data/easy_vqa_demo/ (gitignored; 1.2 MB in 1657 PNGs, built in 2-3 s; `python demo.py` builds it on
 first use): 2000 train / 150 val records with their 64x64 images, balanced over answers. That many records
-are what the tiny model needs to learn colours from the pixels (tests/test_learning.py).
+are what the tiny model needs to learn colours from the pixels (tests/integration/test_learning.py).
 
 data/demo/ (committed): a 48 train / 16 val sample of the same records (the balanced sampler's
 first picks, so every sample record is also in the demo set), with ~400-byte PNGs: the data the

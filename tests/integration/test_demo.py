@@ -2,7 +2,7 @@
 in a fresh directory builds the tiny model and the data, trains, prints the text-only baseline beside the
 final accuracy, and ends with an --infer example; re-running it resumes instead of starting over.
 
-The full demo (9 epochs on 2000 records) is tests/test_learning.py's real run; here it runs for 2 epochs.
+The full demo (9 epochs on 2000 records) is tests/integration/test_learning.py's real run; here it runs for 2 epochs.
 """
 
 from __future__ import annotations

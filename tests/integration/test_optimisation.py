@@ -61,7 +61,7 @@ def test_the_cosine_schedule_spans_the_epochs_this_run_trains_and_ends_at_zero(t
     """resume: 2 of num_epochs 4 trains epochs 3 and 4: 2 x 6 steps. The schedule spans those 12
     steps (warmup 25%: 3 steps), so the cosine would reach 0 at step 12. Before, it spanned all 4
     epochs from step 0 and ended near half of lr. Resumed runs continue the same curve
-    (tests/test_preemption.py runs it, and ends with the uninterrupted run's weights)."""
+    (tests/integration/test_preemption.py runs it, and ends with the uninterrupted run's weights)."""
     lrs = []
     step = trainer.Trainer.optimizer_step
 
@@ -98,7 +98,7 @@ def test_accumulation_2_x_batch_4_equals_batch_8_in_gradients_and_logged_loss(tm
     CE divided by the label count of the whole step (not each micro-batch's mean, then averaged).
     Both runs see the same 8 samples per step in the same order; with lr 0 every step starts from
     the same weights. Clipping (max_grad_norm 0.5) is active: the recorded norms after it are 0.5.
-    (2 ranks x batch 2 x accumulation 2 against this: tests/test_preemption.py's 2-rank test.)"""
+    (2 ranks x batch 2 x accumulation 2 against this: tests/integration/test_preemption.py's 2-rank test.)"""
     one = recorded_run(tmp_path, tiny_model_dir, monkeypatch, "batch_8", batch_size_training=8)
     two = recorded_run(
         tmp_path, tiny_model_dir, monkeypatch, "accum_2", batch_size_training=4, gradient_accumulation_steps=2

@@ -4,7 +4,7 @@ Every user mistake (config, data, checkpoint) ends `run.main` with status 2 and 
 "error: ..." on stderr that names the file, the record and the key or path. A rank dying under
 torchrun, or a full disk, never leaves a checkpoint that looks complete but is not, and rerunning
 the same command finishes exactly as an uninterrupted run (kills and stop signals at chosen steps,
-evaluations and file writes: tests/test_preemption.py). Neither pickled code nor a model
+evaluations and file writes: tests/integration/test_preemption.py). Neither pickled code nor a model
 directory's own *.py ever runs unless the config opts in.
 """
 

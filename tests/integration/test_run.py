@@ -99,7 +99,7 @@ def test_cot_checkpoint_initialises_coconut(tmp_path, tiny_model_dir):
         assert [(m["epoch"], m["stage"]) for m in history] == [(2, 1)]
         got = weights(tmp_path / "checkpoints" / name / "checkpoint_2")
         expected = weights(cot_ckpt)
-        for k in expected:  # plus the three latent rows the Coconut run adds (tests/test_latent_rows.py)
+        for k in expected:  # plus the three latent rows the Coconut run adds (tests/integration/test_latent_rows.py)
             rows = 3 if k in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight") else 0
             assert got[k].shape[0] == expected[k].shape[0] + rows, k
             torch.testing.assert_close(got[k][: expected[k].shape[0]], expected[k], rtol=0, atol=0, msg=k)
