@@ -11,6 +11,7 @@ pixel values up to ~0.035 away from the model card's after normalisation.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -99,8 +100,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _image_errors(path: str | Path) -> Iterator[None]:
     """Checks the file, then turns whatever opening and decoding it raises into an ImageLoadError.
 
-    Pillow's decompression-bomb *warning* (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``) becomes an
-    error as well; the global limit itself is left untouched.
+    Pillow's decompression-bomb warning is an error as well (_open); the global limit is left untouched.
     """
     file = Path(path)
     if not file.exists():
@@ -110,9 +110,7 @@ def _image_errors(path: str | Path) -> Iterator[None]:
     if file.stat().st_size == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(path, f"decompression bomb: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
@@ -122,13 +120,27 @@ def _image_errors(path: str | Path) -> Iterator[None]:
         raise ImageLoadError(path, reason) from exc
 
 
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(path: str | Path) -> Image.Image:
+    """Image.open with Pillow's decompression-bomb *warning* (between 1x and 2x ``Image.MAX_IMAGE_PIXELS``)
+    raised as an error. Warning filters are global to the process and catch_warnings is not thread-safe:
+    the data set's check opens images on several threads, and without the lock one thread's exit could
+    restore the filters while another opens a bomb, which would then decode on. Opening reads only the
+    header, so the lock costs little; decoding runs outside it."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open, EXIF-orient, fully decode and convert an image file to RGB.
 
     Decoding happens here (not lazily on first use) so that truncated or corrupt files fail
     with an :class:`ImageLoadError` naming the file instead of deep inside a batch.
     """
-    with _image_errors(path), Image.open(path) as img:
+    with _image_errors(path), _open(path) as img:
         img.load()
         oriented = ImageOps.exif_transpose(img)
     return to_rgb(oriented)
@@ -142,7 +154,7 @@ def decoded_size(path: str | Path) -> tuple[int, int]:
     entropy-coded block is still read, so truncation and broken streams fail as in a full decode,
     for a fraction of the cost. Other formats decode in full.
     """
-    with _image_errors(path), Image.open(path) as img:
+    with _image_errors(path), _open(path) as img:
         width, height = img.size
         img.draft(None, (1, 1))  # a no-op for formats other than JPEG
         img.load()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import pickle
 import warnings
@@ -342,6 +343,29 @@ def test_decompression_bomb(tmp_path, monkeypatch, side, reader):
         warnings.simplefilter("error")  # the warning must become our error, not leak out
         assert_load_error(tmp_path / "bomb.png", "decompression bomb", reader)
     assert Image.MAX_IMAGE_PIXELS == 100  # limit is not changed by the reader
+
+
+def test_a_bomb_is_refused_while_other_threads_open_images(tmp_path, monkeypatch):
+    """The data set's check opens images on several threads: each bomb is refused whatever the others do
+    (warning filters are process-global; one thread's filter restore must not let another's bomb through)."""
+    make_image(11, 11).save(tmp_path / "bomb.png")  # 121 px: Pillow's warning level (limit 100)
+    make_image(8, 8).save(tmp_path / "fine.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+
+    def opens(i: int) -> list[str]:
+        outcomes = []
+        for j in range(60):
+            name = "bomb.png" if (i + j) % 2 else "fine.png"
+            try:
+                decoded_size(tmp_path / name)
+                outcomes.append(f"{name}: read")
+            except ImageLoadError as e:
+                outcomes.append(f"{name}: {'bomb' if 'decompression bomb' in str(e) else str(e)}")
+        return outcomes
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        seen = [o for outcomes in pool.map(opens, range(8)) for o in outcomes]
+    assert set(seen) == {"bomb.png: bomb", "fine.png: read"}, sorted(set(seen))
 
 
 @pytest.mark.parametrize(
